@@ -1,0 +1,199 @@
+"""The ``proteoflow`` command line. Heavy packages (torch, ray, prefect) are imported only by the
+subcommands that need them, so ``proteoflow sql`` answers in well under a second."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+EPILOG = textwrap.dedent("""\
+    typical session:
+      proteoflow ingest proteome.fasta.gz --store ./store
+      proteoflow embed proteome.fasta.gz --store ./store --model esm2_t33_650M_UR50D
+      proteoflow sql --store ./store "SELECT count(*) FROM sequences"
+
+    Every subcommand takes --store DIR (default: $PROTEOFLOW_STORE). See `proteoflow COMMAND --help`.
+""")
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _store_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=os.environ.get("PROTEOFLOW_STORE"), metavar="DIR",
+                        help="store directory (created by ingest; default $PROTEOFLOW_STORE)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ingest", help="validate, deduplicate and store FASTA records",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Read protein FASTA (plain or gzip, files, directories, '-' for stdin) into the store.
+
+            Each record is normalized (whitespace removed, upper-cased, one terminal '*' dropped) and
+            checked against the alphabet ACDEFGHIKLMNPQRSTVWY + XBZUO. Accepted records become rows of
+            `members`; identical sequences are stored once in `sequences`, keyed by seq_hash (MD5 of the
+            normalized sequence). Every refused record becomes a `rejected` row naming the rule, the
+            first offending character and its position. Re-ingesting the same input changes nothing.
+        """),
+        epilog="example:\n  proteoflow ingest ecoli.fasta.gz metagenome/ --store ./store --max-length 2000")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA file (.gz ok), directory of them, or '-'")
+    _store_arg(p)
+    p.add_argument("--run-id", metavar="ID", help="name for this run (default: derived from the input content)")
+    p.add_argument("--min-length", type=_positive_int, metavar="N", help="reject sequences shorter than N")
+    p.add_argument("--max-length", type=_positive_int, metavar="N", help="reject sequences longer than N")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=cmd_ingest)
+
+
+def _add_sql(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sql", help="query the store with DuckDB SQL (read-only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Answer a read-only SQL query over the store's views:
+              sequences(seq_hash, sequence, length)
+              members(run_id, record_index, seq_id, description, seq_hash, length, source)
+              rejected(run_id, record_index, seq_id, description, source, rule, reason, length)
+              runs(run_id, kind, status, started_at, finished_at, params, counts, versions, message)
+              embeddings(seq_hash, model, model_sha, layer, pooling, embedding FLOAT[D], ...)
+              structures(seq_hash, model, pdb, mean_plddt, ptm, ...)
+            Statements that would write (INSERT, CREATE, COPY, ...) are refused.
+        """),
+        epilog=textwrap.dedent("""\
+            examples:
+              proteoflow sql --store ./store "SELECT rule, count(*) FROM rejected GROUP BY rule"
+              proteoflow sql --store ./store --format csv "SELECT seq_id, length FROM members"
+        """))
+    _store_arg(p)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default table)")
+    p.add_argument("query", metavar="SQL", help="the query; '-' reads it from stdin")
+    p.set_defaults(handler=cmd_sql)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser; subcommand modules add their own parsers here."""
+    parser = argparse.ArgumentParser(
+        prog="proteoflow", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Proteome-scale ESM-2 embeddings and ESMFold structures: FASTA in, Parquet out, SQL on top.")
+    parser.add_argument("--version", action="version", version=f"proteoflow {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_ingest(sub)
+    _add_sql(sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("proteoflow")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def require_store(args: argparse.Namespace) -> str:
+    if not args.store:
+        raise CliError("no store given: pass --store DIR or set PROTEOFLOW_STORE")
+    return args.store
+
+
+def print_ingest_summary(result, out=sys.stderr) -> None:
+    """Human summary of an ingest: what was read, kept, merged and refused."""
+    from flows.output import human_bytes
+
+    c = result.counts
+    if result.already_ingested:
+        out.write(f"already ingested as run {result.run_id}: nothing changed\n")
+    lines = [
+        f"run           {result.run_id}",
+        f"records       {c.get('records', 0):,} ({human_bytes(c.get('bytes', 0))})",
+        f"accepted      {c.get('accepted', 0):,} ({c.get('residues', 0):,} residues)",
+        f"duplicates    {c.get('duplicates', 0):,} (same sequence as an earlier record of this run)",
+        f"new sequences {c.get('new_sequences', 0):,} ({c.get('already_in_store', 0):,} already in the store)",
+        f"rejected      {c.get('rejected', 0):,}",
+    ]
+    lines += [f"  {rule:<12}{n:,}" for rule, n in c.get("rejected_by_rule", {}).items()]
+    if c.get("skipped_files"):
+        lines.append(f"skipped       {c['skipped_files']} non-FASTA file(s) in input directories")
+    out.write("\n".join(lines) + "\n")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from flows.output import ProgressLine, human_bytes
+    from storage.ingest import ingest
+    from storage.layout import Store
+
+    store = Store(require_store(args))
+    bar = ProgressLine("ingest")
+
+    def progress(info: dict) -> None:
+        rate = info["bytes"] / max(bar.elapsed, 1e-9)
+        bar.update(f"{info['records']:,} records, {human_bytes(info['bytes'])} read ({human_bytes(rate)}/s)",
+                   force=info.get("done", False))
+
+    try:
+        result = ingest(store, args.inputs, run_id=args.run_id, min_length=args.min_length,
+                        max_length=args.max_length, progress=progress)
+    finally:
+        bar.close()
+    for name in result.skipped_files:
+        sys.stderr.write(f"note: skipped {name} (not a FASTA file name)\n")
+    if args.json:
+        print(json.dumps({"run_id": result.run_id, "already_ingested": result.already_ingested, **result.counts}))
+    else:
+        print_ingest_summary(result, sys.stdout)
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from flows.output import write_result
+    from storage.catalog import query
+
+    sql = sys.stdin.read() if args.query == "-" else args.query
+    columns, rows = query(require_store(args), sql)
+    write_result(columns, rows, args.format)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, dispatch, and turn expected failures into one-line errors (exit 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    import duckdb
+
+    from storage.catalog import ReadOnlyError
+    from storage.fasta import InputError
+
+    try:
+        return args.handler(args)
+    except (CliError, InputError, ReadOnlyError, FileNotFoundError) as exc:
+        sys.stderr.write(f"proteoflow {args.command}: error: {exc}\n")
+        return 2
+    except duckdb.Error as exc:
+        sys.stderr.write(f"proteoflow {args.command}: SQL error: {str(exc).strip()}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"proteoflow {args.command}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

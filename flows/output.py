@@ -1,0 +1,96 @@
+"""Terminal output for the CLI: result tables in table/csv/json form, summaries and progress lines."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+MAX_CELL = 60
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_cell(v) for v in value[:4])
+        return f"[{inner}{', …' if len(value) > 4 else ''}] ({len(value)})"
+    text = str(value).replace("\n", "\\n")
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def write_result(columns: Sequence[str], rows: Sequence[tuple], fmt: str = "table", out: TextIO = sys.stdout) -> None:
+    """Print a query result: aligned table (long cells shortened), full CSV, or a JSON array of objects."""
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([json.dumps(_jsonable(v)) if isinstance(v, (list, tuple, dict)) else v for v in row])
+        return
+    if fmt == "json":
+        json.dump([dict(zip(columns, (_jsonable(v) for v in row), strict=True)) for row in rows], out, indent=1)
+        out.write("\n")
+        return
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    for row in cells:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+
+
+class ProgressLine:
+    """A single self-rewriting status line on a terminal; periodic plain lines when stderr is a file."""
+
+    def __init__(self, label: str, stream: TextIO = sys.stderr, every_s: float = 10.0) -> None:
+        self.label = label
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.every_s = every_s
+        self.started = time.monotonic()
+        self._last = 0.0
+
+    def update(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write(f"\r\x1b[K{self.label}: {text}")
+            self.stream.flush()
+        elif force or now - self._last >= self.every_s:
+            self.stream.write(f"{self.label}: {text}\n")
+            self.stream.flush()
+            self._last = now
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

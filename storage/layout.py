@@ -1,0 +1,211 @@
+"""The store on disk: where each table's Parquet files live and how they are written atomically.
+
+Every file is written under a hidden temporary name in its final directory, fsync'ed, then renamed into
+place, so a reader (DuckDB globs ``*.parquet``) never sees a half-written file and a crash leaves only
+hidden debris that the next writer sweeps away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+COMPRESSION = "zstd"
+COMPRESSION_LEVEL = 3
+ROW_GROUP_ROWS = 65_536
+
+
+class Store:
+    """A directory holding the Parquet tables of one proteoflow store."""
+
+    TABLES = ("sequences", "members", "rejected", "runs", "embeddings", "residue_embeddings", "structures", "shards")
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def table_dir(self, table: str) -> Path:
+        return self.root / table
+
+    def staging_dir(self, name: str) -> Path:
+        """A private scratch directory inside the store (same filesystem, so renames are atomic)."""
+        path = self.root / ".staging" / f"{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True, exist_ok=False)
+        return path
+
+    def ensure(self) -> Store:
+        """Create the store's directories and its manifest if missing; returns self for chaining."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for table in self.TABLES:
+            self.table_dir(table).mkdir(exist_ok=True)
+        manifest = self.root / "proteoflow.json"
+        if not manifest.exists():
+            write_bytes_atomic(manifest, json.dumps({"format_version": FORMAT_VERSION}, indent=2).encode())
+        self.sweep_staging()
+        return self
+
+    def exists(self) -> bool:
+        return (self.root / "proteoflow.json").exists()
+
+    def files(self, table: str) -> list[Path]:
+        """The committed Parquet files of a table (hidden temporaries excluded)."""
+        base = self.table_dir(table)
+        if not base.exists():
+            return []
+        return sorted(p for p in base.rglob("*.parquet") if not p.name.startswith("."))
+
+    def sweep_staging(self, max_age_s: float = 24 * 3600) -> None:
+        """Remove staging directories of writers that died (older than ``max_age_s``, or of dead pids)."""
+        staging = self.root / ".staging"
+        if not staging.exists():
+            return
+        for entry in staging.iterdir():
+            pid = _pid_of(entry.name)
+            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _pid_of(name: str) -> int | None:
+    parts = name.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(temp: Path, final: Path) -> None:
+    """Atomically move a finished file into place (same filesystem), durable across a crash."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(temp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(temp, final)
+    _fsync_dir(final.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a small file atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_name(path)
+    temp.write_bytes(data)
+    commit(temp, path)
+
+
+def file_metadata(kind: str, provenance: dict) -> dict[bytes, bytes]:
+    """Key-value metadata stored in each Parquet footer: what the file is and where it came from."""
+    return {
+        b"proteoflow.kind": kind.encode(),
+        b"proteoflow.format_version": str(FORMAT_VERSION).encode(),
+        b"proteoflow.provenance": json.dumps(provenance, sort_keys=True, default=str).encode(),
+    }
+
+
+class ParquetSink:
+    """Incremental Parquet writer: buffers rows into large row groups, writes zstd, commits by rename."""
+
+    def __init__(self, path: Path, schema: pa.Schema, kind: str, provenance: dict | None = None,
+                 row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        self.final = path
+        self.temp = path if path.name.startswith(".") else _temp_name(path)
+        self.temp.parent.mkdir(parents=True, exist_ok=True)
+        self.schema = schema.with_metadata(file_metadata(kind, provenance or {}))
+        self.row_group_rows = row_group_rows
+        self._writer = pq.ParquetWriter(self.temp, self.schema, compression=COMPRESSION,
+                                        compression_level=COMPRESSION_LEVEL, write_statistics=True)
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self.rows = 0
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Queue rows; a row group is flushed whenever enough rows have accumulated."""
+        if batch.num_rows == 0:
+            return
+        if isinstance(batch, pa.Table):
+            self._pending.extend(batch.to_batches())
+        else:
+            self._pending.append(batch)
+        self._pending_rows += batch.num_rows
+        self.rows += batch.num_rows
+        if self._pending_rows >= self.row_group_rows:
+            self._flush()
+
+    def write_columns(self, columns: dict[str, list]) -> None:
+        self.write(pa.RecordBatch.from_pydict(columns, schema=self.schema))
+
+    def _flush(self) -> None:
+        if self._pending:
+            table = pa.Table.from_batches(self._pending, schema=self.schema)
+            self._writer.write_table(table, row_group_size=self.row_group_rows)
+            self._pending, self._pending_rows = [], 0
+
+    def close(self, update_metadata: dict | None = None) -> Path:
+        """Finish the file; it stays under its temporary name until :meth:`commit`."""
+        self._flush()
+        if update_metadata:
+            for key, value in update_metadata.items():
+                self._writer.add_key_value_metadata({key: json.dumps(value, default=str)})
+        self._writer.close()
+        return self.temp
+
+    def commit(self, final: Path | None = None) -> Path:
+        """Rename the closed file into its final place."""
+        target = final or self.final
+        commit(self.temp, target)
+        return target
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - best effort on the failure path
+            pass
+        self.temp.unlink(missing_ok=True)
+
+
+def write_table_atomic(path: Path, table: pa.Table, kind: str, provenance: dict | None = None) -> Path:
+    """Write a whole table to ``path`` atomically."""
+    sink = ParquetSink(path, table.schema, kind, provenance)
+    try:
+        sink.write(table)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.commit()
+
+
+@contextmanager
+def staging(store: Store, name: str) -> Iterator[Path]:
+    """A scratch directory removed on exit, whatever happens."""
+    path = store.staging_dir(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

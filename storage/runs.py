@@ -1,0 +1,102 @@
+"""Run records: one small Parquet file per run holding its parameters, counts, status and versions.
+
+A record is rewritten atomically at each status change (running -> completed | partial | failed), so
+``runs`` always shows the latest whole state of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.layout import Store, write_table_atomic
+
+RUN_SCHEMA = pa.schema([
+    ("run_id", pa.string()),
+    ("kind", pa.string()),
+    ("status", pa.string()),
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("params", pa.string()),
+    ("counts", pa.string()),
+    ("versions", pa.string()),
+    ("message", pa.string()),
+])
+
+STATUSES = ("running", "completed", "partial", "failed")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def package_versions(names: tuple[str, ...] = ("proteoflow", "pyarrow", "duckdb")) -> dict[str, str]:
+    """Versions of Python and the named packages, recorded with every run for provenance."""
+    found = {"python": platform.python_version()}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+@dataclass
+class RunRecord:
+    """What one run did: parameters in, counts out, and how it ended."""
+
+    run_id: str
+    kind: str
+    status: str = "running"
+    started_at: datetime = field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    params: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=package_versions)
+    message: str = ""
+
+    def to_table(self) -> pa.Table:
+        row = {
+            "run_id": [self.run_id], "kind": [self.kind], "status": [self.status],
+            "started_at": [self.started_at], "finished_at": [self.finished_at],
+            "params": [json.dumps(self.params, sort_keys=True, default=str)],
+            "counts": [json.dumps(self.counts, sort_keys=True, default=str)],
+            "versions": [json.dumps(self.versions, sort_keys=True)],
+            "message": [self.message],
+        }
+        return pa.Table.from_pydict(row, schema=RUN_SCHEMA)
+
+    def save(self, store: Store) -> None:
+        """Write (or replace) this run's record atomically."""
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown run status {self.status!r}")
+        write_table_atomic(run_path(store, self.run_id), self.to_table(), "run",
+                           {"run_id": self.run_id, "argv": sys.argv})
+
+    def finish(self, store: Store, status: str, message: str = "") -> None:
+        self.status, self.message, self.finished_at = status, message, utcnow()
+        self.save(store)
+
+
+def run_path(store: Store, run_id: str):
+    return store.table_dir("runs") / f"{run_id}.parquet"
+
+
+def load_run(store: Store, run_id: str) -> RunRecord | None:
+    """The stored record of ``run_id``, or None if that run never started."""
+    path = run_path(store, run_id)
+    if not path.exists():
+        return None
+    row = pq.read_table(path).to_pylist()[0]
+    return RunRecord(
+        run_id=row["run_id"], kind=row["kind"], status=row["status"], started_at=row["started_at"],
+        finished_at=row["finished_at"], params=json.loads(row["params"]), counts=json.loads(row["counts"]),
+        versions=json.loads(row["versions"]), message=row["message"] or "",
+    )
