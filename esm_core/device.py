@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -41,9 +38,3 @@ def free_cached_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-
-@contextlib.contextmanager
-def inference(device: torch.device) -> Iterator[None]:
-    """No autograd, and TF32 matmuls left as the user configured them."""
-    with torch.inference_mode():
-        yield
