@@ -54,6 +54,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", metavar="ID", help="name for this run (default: derived from the input content)")
     p.add_argument("--min-length", type=_positive_int, metavar="N", help="reject sequences shorter than N")
     p.add_argument("--max-length", type=_positive_int, metavar="N", help="reject sequences longer than N")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="parse in N processes (default: one per core for inputs over 32 MB, else 0 = in-process)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=cmd_ingest)
 
@@ -146,7 +148,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     try:
         result = ingest(store, args.inputs, run_id=args.run_id, min_length=args.min_length,
-                        max_length=args.max_length, progress=progress)
+                        max_length=args.max_length, progress=progress, workers=args.workers)
     finally:
         bar.close()
     for name in result.skipped_files:

@@ -11,7 +11,7 @@ import gzip
 import os
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -119,17 +119,17 @@ def _check_start(data: bytes, name: str) -> bytes:
     raise InputError(f"{name}: not FASTA: text before the first '>' (line starts {first_line!r})")
 
 
-def _split_record(rec: bytes) -> tuple[bytes, bytes]:
-    newline = rec.find(b"\n")
-    if newline < 0:
-        return rec.rstrip(b"\r"), b""
-    return rec[:newline].rstrip(b"\r"), rec[newline + 1 :]
+def split_record(rec: bytes) -> tuple[bytes, bytes]:
+    """Split a raw record (without its '>') into header line and raw sequence lines."""
+    header, _, seq = rec.partition(b"\n")
+    return header.rstrip(b"\r"), seq
 
 
-def iter_records(source: Source, on_bytes=None) -> Iterator[tuple[bytes, bytes]]:
-    """Yield ``(header, raw_sequence)`` per record; header excludes '>', sequence still holds newlines.
+def iter_record_chunks(source: Source, on_bytes: Callable[[bytes], None] | None = None) -> Iterator[bytes]:
+    """Yield chunks of whole records, one per block: ``rec1\\n>rec2...`` without the first '>'.
 
     ``on_bytes(block)`` is called with each decompressed block (for progress and content digests).
+    Working a block's records at a time keeps the per-record Python cost to a few C calls.
     """
     name = "<stdin>" if source.is_stdin else source.name
     stream, raw = _open_binary(source)
@@ -150,10 +150,9 @@ def iter_records(source: Source, on_bytes=None) -> Iterator[tuple[bytes, bytes]]
                 pending = data
                 continue
             chunk, pending = data[:cut], data[cut + 1 :]
-            for rec in chunk[1:].split(b"\n>"):
-                yield _split_record(rec)
+            yield chunk[1:]
         if pending:
-            yield _split_record(pending[1:])
+            yield pending[1:]
     finally:
         if stream is not raw:
             stream.close()
@@ -161,10 +160,13 @@ def iter_records(source: Source, on_bytes=None) -> Iterator[tuple[bytes, bytes]]
             raw.close()
 
 
-def parse_header(header: bytes) -> tuple[str, str]:
-    """Split a header into its id (first word) and description (the rest)."""
-    text = header.decode("utf-8", "replace")
-    parts = text.split(None, 1)
-    if not parts:
-        return "", ""
-    return parts[0], parts[1] if len(parts) > 1 else ""
+def iter_records(source: Source) -> Iterator[tuple[bytes, bytes]]:
+    """Yield ``(header, raw_sequence)`` per record; the header excludes '>'."""
+    for chunk in iter_record_chunks(source):
+        yield from (split_record(rec) for rec in chunk.split(b"\n>"))
+
+
+def parse_headers(headers: list[bytes]) -> tuple[list[str], list[str]]:
+    """Ids (first word) and descriptions (the rest) of a block of header lines."""
+    words = [h.decode("utf-8", "replace").split(None, 1) for h in headers]
+    return [w[0] if w else "" for w in words], [w[1] if len(w) == 2 else "" for w in words]

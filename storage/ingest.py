@@ -11,9 +11,13 @@ failed input writes nothing.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
+import shutil
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,26 +26,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.fasta import InputError, Source, iter_records, parse_header, resolve_sources
+from storage.fasta import InputError, Source, iter_record_chunks, resolve_sources
 from storage.layout import ParquetSink, Store, staging
-from storage.normalize import NUCLEOTIDE_LETTERS, normalize, validate
+from storage.normalize import NUCLEOTIDE_LETTERS
+from storage.records import MEMBER_SCHEMA, REJECTED_SCHEMA, process_chunk
 from storage.runs import RunRecord, load_run
 
-MEMBER_SCHEMA = pa.schema([
-    ("record_index", pa.int64()), ("seq_id", pa.string()), ("description", pa.string()),
-    ("seq_hash", pa.string()), ("length", pa.int32()), ("source", pa.string()),
-])
-REJECTED_SCHEMA = pa.schema([
-    ("record_index", pa.int64()), ("seq_id", pa.string()), ("description", pa.string()),
-    ("source", pa.string()), ("rule", pa.string()), ("reason", pa.string()), ("length", pa.int32()),
-])
 SEQUENCE_SCHEMA = pa.schema([("seq_hash", pa.string()), ("sequence", pa.string()), ("length", pa.int32())])
 SPILL_SCHEMA = pa.schema([("seq_hash", pa.string()), ("sequence", pa.string())])
 
 BUCKETS = 256
-SEEN_CAP = 500_000  # hashes remembered in memory to avoid spilling repeats; beyond it, pass 2 dedups
-SPILL_FLUSH_BYTES = 32 << 20
-BATCH_ROWS = 65_536
+SEQUENCE_ROW_GROUP_ROWS = 16_384  # ~5 MB of residues: bounded memory, still large enough for scans
+SEEN_CAP = 100_000  # hashes remembered to avoid spilling repeats (~10 MB); beyond it, pass 2 dedups
+SPILL_FLUSH_BYTES = 8 << 20  # sorted and split by bucket at each flush: bounds pass-1 memory
+PARALLEL_MIN_BYTES = 32 << 20
 NUCLEOTIDE_SNIFF_RESIDUES = 10_000
 NUCLEOTIDE_FRACTION = 0.9
 
@@ -58,53 +56,38 @@ class IngestResult:
     skipped_files: list[str] = field(default_factory=list)
 
 
-class _Columns:
-    """Column buffers for one table, flushed to a sink in batches."""
-
-    def __init__(self, sink: ParquetSink) -> None:
-        self.sink = sink
-        self.cols: dict[str, list] = {name: [] for name in sink.schema.names}
-
-    def append(self, *values) -> None:
-        for col, value in zip(self.cols.values(), values, strict=True):
-            col.append(value)
-        if len(self.cols["record_index"]) >= BATCH_ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.cols["record_index"]:
-            self.sink.write_columns(self.cols)
-            self.cols = {name: [] for name in self.cols}
-
-
 class _Spill:
     """Hash-prefix buckets of ``(seq_hash, sequence)`` on disk, written as Arrow IPC streams."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.buffers: list[tuple[list[str], list[str]]] = [([], []) for _ in range(BUCKETS)]
-        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        self.pending: list[pa.RecordBatch] = []
         self.buffered = 0
+        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
 
-    def add(self, digest: str, sequence: str) -> None:
-        hashes, seqs = self.buffers[int(digest[:2], 16)]
-        hashes.append(digest)
-        seqs.append(sequence)
-        self.buffered += len(sequence) + 48
+    def add(self, batch: pa.RecordBatch) -> None:
+        self.pending.append(batch)
+        self.buffered += batch.nbytes
         if self.buffered >= SPILL_FLUSH_BYTES:
             self.flush()
 
     def flush(self) -> None:
-        for bucket, (hashes, seqs) in enumerate(self.buffers):
-            if not hashes:
-                continue
+        """Sort what is buffered by hash and append each bucket's run to that bucket's file."""
+        if not self.pending:
+            return
+        table = pa.Table.from_batches(self.pending, schema=SPILL_SCHEMA).combine_chunks()
+        table = table.take(pc.sort_indices(table, [("seq_hash", "ascending")]))
+        prefixes = pc.utf8_slice_codeunits(table.column("seq_hash"), 0, 2)
+        offset = 0
+        for item in pc.value_counts(prefixes):
+            bucket, count = int(item["values"].as_py(), 16), item["counts"].as_py()
             writer = self.writers.get(bucket)
             if writer is None:
                 writer = pa.ipc.new_stream(str(self.path(bucket)), SPILL_SCHEMA)
                 self.writers[bucket] = writer
-            writer.write_batch(pa.RecordBatch.from_pydict({"seq_hash": hashes, "sequence": seqs}, schema=SPILL_SCHEMA))
-            self.buffers[bucket] = ([], [])
-        self.buffered = 0
+            writer.write_table(table.slice(offset, count))
+            offset += count
+        self.pending, self.buffered = [], 0
 
     def close(self) -> None:
         self.flush()
@@ -171,17 +154,31 @@ def _sorted_unique(table: pa.Table) -> pa.Table:
 
 
 def ingest(store: Store, inputs: list[str], run_id: str | None = None, min_length: int | None = None,
-           max_length: int | None = None, progress: ProgressFn | None = None) -> IngestResult:
+           max_length: int | None = None, progress: ProgressFn | None = None,
+           workers: int | None = None) -> IngestResult:
     """Ingest FASTA inputs into the store; see the module docstring for how.
 
     The run id defaults to a digest of the input content and parameters, so ingesting the same input
     again is recognised and changes nothing.
     """
     sources, skipped = resolve_sources(inputs)
+    created = not store.exists()
+    try:
+        if workers is None:
+            workers = default_workers(sources)
+        return _ingest(store, sources, skipped, run_id, min_length, max_length, progress, workers)
+    except BaseException:
+        if created:  # a failed first ingest leaves no store behind: nothing written
+            shutil.rmtree(store.root, ignore_errors=True)
+        raise
+
+
+def _ingest(store: Store, sources: list[Source], skipped: list[str], run_id: str | None, min_length: int | None,
+            max_length: int | None, progress: ProgressFn | None, workers: int) -> IngestResult:
     store.ensure()
     params = {"inputs": [s.name for s in sources], "min_length": min_length, "max_length": max_length}
     with staging(store, "ingest") as scratch:
-        pass1 = _stream_records(scratch, sources, min_length, max_length, progress)
+        pass1 = _stream_records(scratch, sources, min_length, max_length, progress, workers)
         digest = pass1.digest.hexdigest()
         run_id = run_id or f"ingest-{digest[:16]}"
         params["input_digest"] = digest
@@ -213,69 +210,116 @@ class _Pass1:
         self.rejected.abort()
 
 
+def _ordered_map(fn: Callable, tasks: Iterator[tuple], workers: int) -> Iterator:
+    """``fn(*task)`` for each task, in order; in ``workers`` processes with a bounded window, or inline."""
+    if workers <= 1:
+        for task in tasks:
+            yield fn(*task)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.submit(fn, *task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _offset(batch: pa.RecordBatch, first_index: int) -> pa.RecordBatch:
+    """Shift a block's chunk-local record indices to run-wide ones."""
+    column = batch.schema.get_field_index("record_index")
+    return batch.set_column(column, "record_index", pc.add(batch.column(column), first_index))
+
+
+def default_workers(sources: list[Source]) -> int:
+    """Parallel parsing pays for its start-up only on large inputs (or stdin, whose size is unknown)."""
+    cpus = min(os.cpu_count() or 1, 8)
+    if cpus < 2:
+        return 0
+    total = sum(0 if s.is_stdin else os.path.getsize(s.name) for s in sources)
+    return cpus if any(s.is_stdin for s in sources) or total >= PARALLEL_MIN_BYTES else 0
+
+
 def _stream_records(scratch: Path, sources: list[Source], min_length: int | None, max_length: int | None,
-                    progress: ProgressFn | None) -> _Pass1:
+                    progress: ProgressFn | None, workers: int) -> _Pass1:
     """Pass 1: read every record once, write members/rejected to staging and spill sequences by hash."""
     members_sink = ParquetSink(scratch / ".members.parquet", MEMBER_SCHEMA, "members")
     rejected_sink = ParquetSink(scratch / ".rejected.parquet", REJECTED_SCHEMA, "rejected")
     state = _Pass1(members_sink, rejected_sink, _Spill(scratch), hashlib.sha1(usedforsecurity=False),
                    Counter(), Counter())
-    members, rejected = _Columns(members_sink), _Columns(rejected_sink)
     seen: set[str] = set()
-    counts = state.counts
-    bytes_read = [0]
-    last_report = [time.monotonic()]
+    bytes_read = records = 0
+    last_report = time.monotonic()
 
     def on_bytes(block: bytes) -> None:
+        nonlocal bytes_read
         state.digest.update(block)
-        bytes_read[0] += len(block)
+        bytes_read += len(block)
 
-    index = 0
-    try:
+    def tasks() -> Iterator[tuple]:
         for source in sources:
             state.digest.update(b"\x00source\x00")
-            nuc_letters = sniffed = 0
-            for header, raw in iter_records(source, on_bytes):
-                seq = normalize(raw)
-                seq_id, description = parse_header(header)
-                rejection = validate(seq, min_length, max_length)
-                if rejection is not None:
-                    rejected.append(index, seq_id, description, source.name, rejection.rule, rejection.reason, len(seq))
-                    state.rejected_by_rule[rejection.rule] += 1
-                else:
-                    if sniffed < NUCLEOTIDE_SNIFF_RESIDUES:
-                        sniffed += len(seq)
-                        nuc_letters += len(seq) - len(seq.translate(None, NUCLEOTIDE_LETTERS))
-                        if sniffed >= NUCLEOTIDE_SNIFF_RESIDUES:
-                            _refuse_nucleotides(source, nuc_letters, sniffed)
-                    digest = hashlib.md5(seq, usedforsecurity=False).hexdigest()
-                    members.append(index, seq_id, description, digest, len(seq), source.name)
-                    counts["residues"] += len(seq)
-                    if digest not in seen:
-                        if len(seen) < SEEN_CAP:
-                            seen.add(digest)
-                        state.spill.add(digest, seq.decode("ascii"))
-                index += 1
-                if progress is not None and not index & 4095 and time.monotonic() - last_report[0] > 0.5:
-                    last_report[0] = time.monotonic()
-                    progress({"records": index, "bytes": bytes_read[0], "source": source.name})
-            if 0 < sniffed < NUCLEOTIDE_SNIFF_RESIDUES:
-                _refuse_nucleotides(source, nuc_letters, sniffed, min_residues=20)
-        members.flush()
-        rejected.flush()
+            for chunk in iter_record_chunks(source, on_bytes):
+                yield chunk, source.name, min_length, max_length
+
+    sniffers = {s.name: _NucleotideSniffer(s) for s in sources}
+    try:
+        for block in _ordered_map(process_chunk, tasks(), workers):
+            accepted, rejected = _offset(block.accepted, records), _offset(block.rejected, records)
+            records += block.records
+            sniffers[block.source].check(accepted.column("sequence"))
+            if rejected.num_rows:
+                rejected_sink.write(rejected)
+                state.rejected_by_rule.update(rejected.column("rule").to_pylist())
+            members_sink.write(accepted.drop_columns(["sequence"]))
+            state.counts["residues"] += block.residues
+            hashes = accepted.column("seq_hash").to_pylist()
+            unseen = [h not in seen for h in hashes]
+            if any(unseen):
+                seen.update(h for h, new in zip(hashes, unseen, strict=True) if new and len(seen) < SEEN_CAP)
+                state.spill.add(accepted.filter(pa.array(unseen)).select(["seq_hash", "sequence"]))
+            if progress is not None and time.monotonic() - last_report > 0.5:
+                last_report = time.monotonic()
+                progress({"records": records, "bytes": bytes_read, "source": block.source})
+        for sniffer in sniffers.values():
+            sniffer.finish()
         state.spill.close()
         members_sink.close()
         rejected_sink.close()
     except BaseException:
         state.abort()
         raise
-    counts["records"] = index
-    counts["bytes"] = bytes_read[0]
-    counts["accepted"] = members_sink.rows
-    counts["rejected"] = rejected_sink.rows
+    state.counts.update(records=records, bytes=bytes_read, accepted=members_sink.rows, rejected=rejected_sink.rows)
     if progress is not None:
-        progress({"records": index, "bytes": bytes_read[0], "source": "", "done": True})
+        progress({"records": records, "bytes": bytes_read, "source": "", "done": True})
     return state
+
+
+class _NucleotideSniffer:
+    """Refuses an input whose first residues are nearly all A/C/G/T/U/N: DNA or RNA given by mistake."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.total = self.nucleotides = 0
+
+    def check(self, seqs: pa.Array) -> None:
+        if self.total >= NUCLEOTIDE_SNIFF_RESIDUES:
+            return
+        for value in seqs[:1000]:
+            seq = value.as_py().encode("ascii")
+            self.total += len(seq)
+            self.nucleotides += len(seq) - len(seq.translate(None, NUCLEOTIDE_LETTERS))
+            if self.total >= NUCLEOTIDE_SNIFF_RESIDUES:
+                _refuse_nucleotides(self.source, self.nucleotides, self.total)
+                return
+
+    def finish(self) -> None:
+        if 0 < self.total < NUCLEOTIDE_SNIFF_RESIDUES:
+            _refuse_nucleotides(self.source, self.nucleotides, self.total, min_residues=20)
 
 
 def _refuse_nucleotides(source: Source, nuc: int, total: int, min_residues: int = 0) -> None:
@@ -294,7 +338,7 @@ def _dedup_and_commit(store: Store, scratch: Path, pass1: _Pass1, run_id: str, r
     # below, so it must not count as "already in the store".
     existing = StoreHashes([p for p in store.files("sequences") if p != final_seq])
     provenance = {"run_id": run_id, "inputs": record.params["inputs"]}
-    seq_sink = ParquetSink(final_seq, SEQUENCE_SCHEMA, "sequences", provenance)
+    seq_sink = ParquetSink(final_seq, SEQUENCE_SCHEMA, "sequences", provenance, row_group_rows=SEQUENCE_ROW_GROUP_ROWS)
     distinct = new = new_residues = 0
     try:
         for bucket in range(BUCKETS):

@@ -7,6 +7,7 @@ hidden debris that the next writer sweeps away.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -209,3 +210,5 @@ def staging(store: Store, name: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only succeeds when no other writer is staging

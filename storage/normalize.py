@@ -26,12 +26,30 @@ class Rejection:
     reason: str
 
 
+def normalize_many(raws: list[bytes]) -> list[bytes]:
+    """Normalize a block of raw sequences (whitespace removed, upper-cased, one terminal '*' dropped)."""
+    seqs = [raw.translate(_UPPER, WHITESPACE) for raw in raws]
+    return [s[:-1] if s[-1:] == b"*" else s for s in seqs]
+
+
 def normalize(raw: bytes) -> bytes:
-    """Remove whitespace, upper-case, and drop one terminal stop ``*``."""
-    seq = raw.translate(_UPPER, WHITESPACE)
-    if seq.endswith(b"*"):
-        seq = seq[:-1]
-    return seq
+    """Normalize one raw sequence; see :func:`normalize_many`."""
+    return normalize_many([raw])[0]
+
+
+def find_rejections(seqs: list[bytes], min_length: int | None = None,
+                    max_length: int | None = None) -> dict[int, Rejection]:
+    """Indices of the normalized sequences in a block that break a rule, with why; the rest are accepted."""
+    suspects = [i for i, s in enumerate(seqs) if not s or s.translate(None, ALPHABET)]
+    if min_length is not None or max_length is not None:
+        lo, hi = min_length or 0, max_length or float("inf")
+        suspects += [i for i, s in enumerate(seqs) if not lo <= len(s) <= hi]
+    found = {}
+    for i in suspects:
+        rejection = validate(seqs[i], min_length, max_length)
+        if rejection is not None:
+            found[i] = rejection
+    return found
 
 
 def validate(seq: bytes, min_length: int | None = None, max_length: int | None = None) -> Rejection | None:
