@@ -19,10 +19,10 @@ from transformers.models.esm.openfold_utils import atom14_to_atom37, residue_con
 from esm_core.confidence import CA_INDEX, residue_plddt, sequence_pae, sequence_ptm
 from esm_core.device import free_cached_memory, is_out_of_memory, pick_device
 from esm_core.fold_batching import (
-    DEFAULT_MAX_TOKENS,
     FoldInput,
     auto_chunk_size,
     collate,
+    default_max_tokens,
     encode,
     smaller_chunk_size,
     sort_longest_first,
@@ -90,9 +90,13 @@ def load_esmfold(spec: str, device: str | torch.device | None = None) -> LoadedF
             config = EsmConfig.from_pretrained(source, local_files_only=local_only)
             if not config.is_folding_model:
                 raise ValueError(f"{spec!r} is not an ESMFold checkpoint (config has is_folding_model=false)")
+            # fp16_esm makes __init__ halve the stem before the weights load, rounding fp32 checkpoints
+            # to fp16 even on a CPU; load at full precision and let place_model pick the stem dtype.
+            fp16_esm, config.esmfold_config.fp16_esm = config.esmfold_config.fp16_esm, False
             model = EsmForProteinFolding.from_pretrained(
                 source, config=config, local_files_only=local_only, dtype=torch.float32
             )
+            model.config.esmfold_config.fp16_esm = fp16_esm
             break
         except OSError as exc:
             errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
@@ -140,9 +144,10 @@ class Folder:
     """Folds (key, sequence) items with token-budget batching and out-of-memory back-off.
 
     ``chunk_size``: "auto" (:func:`esm_core.fold_batching.auto_chunk_size` of each batch's longest input),
-    an int, or None (no chunking). ``max_tokens``: batch size * longest input (padding counted), default
-    1024 as ESMFold's fold.py. ``num_recycles``: None = the model's training default (max_recycles - 1
-    recycles after the first pass, i.e. what transformers runs for None).
+    an int, or None (no chunking). ``max_tokens``: batch size * longest input (padding counted); default
+    1024 on a GPU as ESMFold's fold.py, one sequence per batch on a CPU (``default_max_tokens``).
+    ``num_recycles``: None = the model's training default, max_recycles - 1 recycles after the first
+    pass (what transformers runs for None); the number actually run is in every result's settings.
     """
 
     def __init__(
@@ -163,7 +168,7 @@ class Folder:
         max_recycles = loaded.model.config.esmfold_config.trunk.max_recycles
         self.num_recycles = max(max_recycles - 1, 0) if num_recycles is None else num_recycles
         self.chunk_size = chunk_size
-        self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS
+        self.max_tokens = max_tokens or default_max_tokens(loaded.device)
         self.pae = pae
         self._budget = self.max_tokens  # lowered after a batch runs out of memory
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from Bio.PDB import MMCIFParser, PDBParser
-from transformers import EsmConfig
+from transformers import EsmConfig, EsmForProteinFolding
 from transformers.models.esm.openfold_utils import atom14_to_atom37, residue_constants
 
 from esm_core.folding import Folder, FoldOutOfMemoryError, ModelNotFoundError, load_esmfold
-from esm_core.random_esmfold import write_random_esmfold_checkpoint
+from esm_core.random_esmfold import random_esmfold_config, write_random_esmfold_checkpoint
 from esm_core.weights import weights_checksum
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ecoli_k12_UP000000625.fasta.gz"
@@ -66,7 +66,7 @@ def loaded(checkpoint):
 
 @pytest.fixture(scope="module")
 def batched(loaded, sequences):
-    folder = Folder(loaded, pae=True)
+    folder = Folder(loaded, pae=True, max_tokens=1024)  # all six in one padded batch
     return {r.key: r for r in folder.fold(sequences)}
 
 
@@ -97,6 +97,21 @@ def test_load_random_checkpoint(checkpoint, capfd):
     assert not folder.model.training and folder.device == torch.device("cpu")
     assert {p.dtype for p in folder.model.esm.parameters()} == {torch.float32}  # fp32 stem on CPU
     assert {p.dtype for p in folder.model.trunk.parameters()} == {torch.float32}
+
+
+def test_fp16_esm_checkpoint_loads_at_full_precision_on_cpu(tmp_path):
+    """transformers halves the stem in __init__ when fp16_esm is set, before the weights load."""
+    config = random_esmfold_config(tiny=True)
+    config.esmfold_config.fp16_esm = True
+    model = EsmForProteinFolding(config).float()
+    torch.nn.init.normal_(model.esm.embeddings.word_embeddings.weight, std=1.0)
+    model.save_pretrained(tmp_path)
+    folder = load_esmfold(str(tmp_path), device="cpu")
+    assert folder.model.esm.embeddings.word_embeddings.weight.dtype == torch.float32
+    assert torch.equal(
+        folder.model.esm.embeddings.word_embeddings.weight, model.esm.embeddings.word_embeddings.weight
+    )
+    assert folder.model.config.esmfold_config.fp16_esm  # the config still says what the checkpoint says
 
 
 def test_missing_models_fail_with_one_line(tmp_path, monkeypatch):
@@ -229,7 +244,7 @@ def _inject_oom(monkeypatch, folder: Folder, fails) -> list[tuple[int, int | Non
 
 
 def test_oom_splits_batch_then_shrinks_chunks(loaded, sequences, monkeypatch):
-    folder = Folder(loaded, num_recycles=0)
+    folder = Folder(loaded, num_recycles=0, max_tokens=1024)
     items = sequences[:3]
     calls = _inject_oom(monkeypatch, folder, lambda n, chunk, _: n > 1 or chunk is None or chunk > 16)
     results = {r.key: r for r in folder.fold(items)}
