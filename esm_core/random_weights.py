@@ -1,0 +1,107 @@
+"""Write random-weight ESM checkpoints in the real on-disk formats (HF directory, fair-esm .pt).
+
+They stand in for pretrained weights where none can be downloaded, and carry the marker
+``proteoflow_random_weights`` so every result computed from them is flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import EsmConfig, EsmForMaskedLM, EsmModel, EsmTokenizer
+
+from esm_core import alphabet, registry
+from esm_core.weights import RANDOM_WEIGHTS_KEY
+
+
+def write_random_hf_checkpoint(
+    out_dir: str | Path,
+    arch: str | dict[str, Any] = "esm2_t6_8M_UR50D",
+    masked_lm: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised ``EsmForMaskedLM`` (or ``EsmModel``) plus tokenizer files to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = EsmConfig(**registry.architecture(arch))
+    setattr(config, RANDOM_WEIGHTS_KEY, True)
+    torch.manual_seed(seed)
+    model = EsmForMaskedLM(config) if masked_lm else EsmModel(config, add_pooling_layer=False)
+    model.save_pretrained(out_dir)
+    vocab = alphabet.write_vocab(out_dir / "vocab.txt")
+    EsmTokenizer(str(vocab)).save_pretrained(out_dir)
+    return out_dir
+
+
+def write_random_fair_esm_checkpoint(
+    path: str | Path,
+    arch: str | dict[str, Any] = "esm2_t6_8M_UR50D",
+    seed: int = 0,
+    contact_regression: bool = True,
+) -> Path:
+    """Save a random fair-esm model laid out like fair-esm's hub files (``esm.pretrained`` reads it).
+
+    ESM-2 shapes: ``{"model": encoder.sentence_encoder.* state, "cfg": {"model": Namespace(...)}}``;
+    ESM-1b/1v shapes: ``{"model": ..., "args": Namespace(arch="roberta_large", ...)}``. The contact head goes
+    to ``<stem>-contact-regression.pt`` like the hub's regression files. fair-esm's loader picks the ESM-2
+    path by the file name (``esm2*``), so name ESM-2 files accordingly if fair-esm itself must read them.
+    """
+    import esm  # dev dependency: only this writer needs fair-esm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = registry.architecture(arch)
+    layers, dim, heads = shape["num_hidden_layers"], shape["hidden_size"], shape["num_attention_heads"]
+    esm_alphabet = esm.data.Alphabet.from_architecture("ESM-1b")
+    torch.manual_seed(seed)
+    if shape["position_embedding_type"] == "rotary":
+        if shape["intermediate_size"] != 4 * dim:
+            raise ValueError("fair-esm ESM2 fixes the FFN width at 4 x dim")
+        model = esm.model.esm2.ESM2(
+            layers, dim, heads, alphabet=esm_alphabet, token_dropout=shape["token_dropout"]
+        )
+        meta: dict[str, Any] = {
+            "cfg": {
+                "model": argparse.Namespace(
+                    encoder_layers=layers,
+                    encoder_embed_dim=dim,
+                    encoder_ffn_embed_dim=4 * dim,
+                    encoder_attention_heads=heads,
+                    max_positions=shape["max_position_embeddings"] - alphabet.PAD - 1,
+                    token_dropout=shape["token_dropout"],
+                    arch="esm2",
+                )
+            }
+        }
+    else:
+        args = argparse.Namespace(
+            arch="roberta_large",
+            encoder_layers=layers,
+            encoder_embed_dim=dim,
+            encoder_ffn_embed_dim=shape["intermediate_size"],
+            encoder_attention_heads=heads,
+            max_positions=shape["max_position_embeddings"] - alphabet.PAD - 1,
+            token_dropout=shape["token_dropout"],
+        )
+        model_args = argparse.Namespace(
+            **{k.replace("encoder_", ""): v for k, v in vars(args).items()},
+            emb_layer_norm_before=shape["emb_layer_norm_before"],
+        )
+        model = esm.model.esm1.ProteinBertModel(model_args, esm_alphabet)
+        meta = {"args": args}
+    state = model.state_dict()
+    contact = {k: state.pop(k) for k in list(state) if k.startswith("contact_head.")}
+    # LayerNorm init is ones/zeros; perturb it so that a wrong layer-norm mapping cannot pass unnoticed.
+    for k in [k for k in state if "layer_norm" in k]:
+        state[k] = state[k] + 0.1 * torch.randn_like(state[k])
+    on_disk = {
+        (f"encoder.{k}" if k.startswith("lm_head.") else f"encoder.sentence_encoder.{k}"): v
+        for k, v in state.items()
+    }
+    torch.save({"model": on_disk, **meta, RANDOM_WEIGHTS_KEY: True}, path)
+    if contact_regression:
+        torch.save({"model": contact}, path.with_name(path.stem + "-contact-regression.pt"))
+    return path
