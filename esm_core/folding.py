@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import EsmConfig, EsmForProteinFolding
 from transformers.models.esm.openfold_utils import atom14_to_atom37, residue_constants
+from transformers.utils import logging as hf_logging
 
 from esm_core.confidence import CA_INDEX, residue_plddt, sequence_pae, sequence_ptm
 from esm_core.device import free_cached_memory, is_out_of_memory, pick_device
@@ -34,8 +35,12 @@ from esm_core.weights import RANDOM_WEIGHTS_KEY, RANDOM_WEIGHTS_NOTICE, weights_
 logger = logging.getLogger(__name__)
 
 
-class ModelNotFoundError(LookupError):
-    """The model is neither a local directory, nor in the Hugging Face cache, nor reachable on the hub."""
+try:  # one exception type for the embedding and folding loaders
+    from esm_core.checkpoints import ModelNotFoundError
+except ImportError:  # pragma: no cover - the embedding engine's loader is absent
+
+    class ModelNotFoundError(Exception):  # type: ignore[no-redef]
+        """The model is neither a local directory, nor in the Hugging Face cache, nor reachable on the hub."""
 
 
 class FoldOutOfMemoryError(RuntimeError):
@@ -85,24 +90,37 @@ def load_esmfold(spec: str, device: str | torch.device | None = None) -> LoadedF
     target = pick_device(str(device) if device is not None else None)
     source, name, attempts = _resolve(spec)
     errors: list[str] = []
-    for local_only in attempts:
-        try:
-            config = EsmConfig.from_pretrained(source, local_files_only=local_only)
-            if not config.is_folding_model:
-                raise ValueError(f"{spec!r} is not an ESMFold checkpoint (config has is_folding_model=false)")
-            # fp16_esm makes __init__ halve the stem before the weights load, rounding fp32 checkpoints
-            # to fp16 even on a CPU; load at full precision and let place_model pick the stem dtype.
-            fp16_esm, config.esmfold_config.fp16_esm = config.esmfold_config.fp16_esm, False
-            model = EsmForProteinFolding.from_pretrained(
-                source, config=config, local_files_only=local_only, dtype=torch.float32
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        for local_only in attempts:
+            try:
+                config = EsmConfig.from_pretrained(source, local_files_only=local_only)
+                if not config.is_folding_model:
+                    raise ValueError(
+                        f"{spec!r} is not an ESMFold checkpoint (config has is_folding_model=false)"
+                    )
+                # fp16_esm makes __init__ halve the stem before the weights load, rounding fp32 checkpoints
+                # to fp16 even on a CPU; load at full precision and let place_model pick the stem dtype.
+                fp16_esm, config.esmfold_config.fp16_esm = config.esmfold_config.fp16_esm, False
+                model = EsmForProteinFolding.from_pretrained(
+                    source, config=config, local_files_only=local_only, dtype=torch.float32
+                )
+                model.config.esmfold_config.fp16_esm = fp16_esm
+                break
+            except OSError as exc:
+                errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        else:
+            tried = (
+                "the local directory"
+                if Path(source).is_dir()
+                else "the Hugging Face cache" + (" (offline)" if len(attempts) == 1 else " and the hub")
             )
-            model.config.esmfold_config.fp16_esm = fp16_esm
-            break
-        except OSError as exc:
-            errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    else:
-        where = "local directory" if attempts == (True,) and Path(source).is_dir() else "HF cache or hub"
-        raise ModelNotFoundError(f"ESMFold model {spec!r} not found in {where}: {errors[-1]}")
+            raise ModelNotFoundError(f"ESMFold model {spec!r} not found: tried {tried}: {errors[-1]}")
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()
     model.eval().requires_grad_(False)
     random_weights = bool(getattr(config, RANDOM_WEIGHTS_KEY, False))
     if random_weights:
