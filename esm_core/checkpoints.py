@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hub_constants
 from transformers import EsmConfig, EsmModel
 from transformers.utils import logging as hf_logging
 
@@ -117,14 +118,16 @@ def _load_hf(location: str, local_only: bool) -> tuple[EsmModel, bool]:
             output_loading_info=True,
         )
     except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local_only:
             raise ModelNotFoundError(
-                f"{location!r} is not a loadable Hugging Face ESM directory: {exc}"
+                f"{location!r} is not a loadable Hugging Face ESM directory: {first}"
             ) from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        offline = hub_constants.HF_HUB_OFFLINE
+        hub = "hub (offline: HF_HUB_OFFLINE=1)" if offline else "hub (unreachable or no such repo)"
         raise ModelNotFoundError(
-            f"model {location!r} not found: tried local path (absent), the Hugging Face cache and the hub "
-            f"(offline or unreachable, or no such repo): {first}"
+            f"model {location!r} not found; tried: local path (absent), Hugging Face cache "
+            f"({hub_constants.HF_HUB_CACHE}), {hub}. {first}"
         ) from exc
     finally:
         hf_logging.set_verbosity(previous)
