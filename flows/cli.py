@@ -23,12 +23,12 @@ class CliError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
 
 
-def _store_arg(parser: argparse.ArgumentParser) -> None:
+def store_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=os.environ.get("PROTEOFLOW_STORE"), metavar="DIR",
                         help="store directory (created by ingest; default $PROTEOFLOW_STORE)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -50,10 +50,10 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         """),
         epilog="example:\n  proteoflow ingest ecoli.fasta.gz metagenome/ --store ./store --max-length 2000")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA file (.gz ok), directory of them, or '-'")
-    _store_arg(p)
+    store_arg(p)
     p.add_argument("--run-id", metavar="ID", help="name for this run (default: derived from the input content)")
-    p.add_argument("--min-length", type=_positive_int, metavar="N", help="reject sequences shorter than N")
-    p.add_argument("--max-length", type=_positive_int, metavar="N", help="reject sequences longer than N")
+    p.add_argument("--min-length", type=positive_int, metavar="N", help="reject sequences shorter than N")
+    p.add_argument("--max-length", type=positive_int, metavar="N", help="reject sequences longer than N")
     p.add_argument("--workers", type=int, metavar="N",
                    help="parse in N processes (default: one per core for inputs over 32 MB, else 0 = in-process)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -79,7 +79,7 @@ def _add_sql(sub: argparse._SubParsersAction) -> None:
               proteoflow sql --store ./store "SELECT rule, count(*) FROM rejected GROUP BY rule"
               proteoflow sql --store ./store --format csv "SELECT seq_id, length FROM members"
         """))
-    _store_arg(p)
+    store_arg(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default table)")
     p.add_argument("query", metavar="SQL", help="the query; '-' reads it from stdin")
     p.set_defaults(handler=cmd_sql)
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"proteoflow {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_ingest(sub)
+    from flows import cli_compute  # noqa: PLC0415 - keeps `sql` free of compute imports until needed
+
+    cli_compute.add_parsers(sub)
     _add_sql(sub)
     return parser
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.layout import Store
+from storage.layout import Store, write_bytes_atomic
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "RELATION"}
+VECTOR_TABLES = ("embeddings", "residue_embeddings")
+HIVE_TABLES = ("members", "rejected", "shards")
 
 # Column lists used when a table has no files yet, so queries against an empty store still bind.
 EMPTY_VIEWS = {
@@ -35,6 +38,13 @@ EMPTY_VIEWS = {
 }
 
 
+def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    """A query's result as an Arrow table, across DuckDB versions (2.x renamed ``arrow()``)."""
+    relation = con.sql(sql)
+    method = getattr(relation, "to_arrow_table", None) or relation.arrow
+    return method()
+
+
 class ReadOnlyError(Exception):
     """A statement that would write was given to the read-only SQL entry point."""
 
@@ -51,50 +61,72 @@ def _vector_dims(files: list[Path], column: str = "embedding") -> dict[Path, int
     """The fixed vector width of each file's ``column`` (from the Arrow schema in its footer)."""
     dims = {}
     for path in files:
-        field = pq.read_schema(path).field(column)
-        dims[path] = getattr(field.type, "list_size", -1)
+        kind = pq.read_schema(path).field(column).type
+        if pa.types.is_list(kind):  # per-residue: a list of fixed-size vectors
+            kind = kind.value_type
+        dims[path] = getattr(kind, "list_size", -1)
     return dims
 
 
-def _vector_view(con: duckdb.DuckDBPyConnection, name: str, files: list[Path]) -> None:
-    """Create ``name`` with ``embedding`` as FLOAT[D]; mixed widths get one ``name_dD`` view per width."""
+def _vector_views(name: str, files: list[Path], per_residue: bool) -> list[str]:
+    """``name`` with ``embedding`` as FLOAT[D] (or FLOAT[D][]); mixed widths add one ``name_dD`` view each."""
     by_dim: dict[int, list[Path]] = {}
     for path, dim in _vector_dims(files).items():
         by_dim.setdefault(dim, []).append(path)
+    suffix = "[]" if per_residue else ""
+    statements = []
     for dim, group in sorted(by_dim.items()):
-        cast = f"embedding::FLOAT[{dim}]" if dim > 0 else "embedding::FLOAT[]"
+        cast = f"embedding::FLOAT[{dim}]{suffix}" if dim > 0 else f"embedding::FLOAT[]{suffix}"
         select = f"SELECT * REPLACE ({cast} AS embedding) FROM read_parquet({_file_list(group)}, union_by_name=true)"
-        con.execute(f"CREATE OR REPLACE VIEW {name}_d{dim} AS {select}")
+        statements.append(f"CREATE OR REPLACE VIEW {name}_d{dim} AS {select}")
         if len(by_dim) == 1:
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+            statements.append(f"CREATE OR REPLACE VIEW {name} AS {select}")
     if len(by_dim) > 1:
         # Vectors of different widths cannot share one FLOAT[D] column: the umbrella view keeps FLOAT[].
         parts = " UNION ALL BY NAME ".join(
-            f"SELECT * REPLACE (embedding::FLOAT[] AS embedding) FROM {name}_d{dim}" for dim in sorted(by_dim))
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS {parts}")
+            f"SELECT * REPLACE (embedding::FLOAT[]{suffix} AS embedding) FROM {name}_d{dim}" for dim in sorted(by_dim))
+        statements.append(f"CREATE OR REPLACE VIEW {name} AS {parts}")
+    return statements
+
+
+def view_statements(root: str | Path) -> list[str]:
+    """The DDL that defines every view over the store's current files (empty, typed views for absent tables)."""
+    store = Store(root)
+    statements = []
+    for table in Store.TABLES:
+        files = store.files(table)
+        if table in VECTOR_TABLES and files:
+            statements += _vector_views(table, files, per_residue=table == "residue_embeddings")
+        elif not files:
+            if table in EMPTY_VIEWS:
+                statements.append(f"CREATE OR REPLACE VIEW {table} AS SELECT {EMPTY_VIEWS[table]} WHERE false")
+        else:
+            hive = table in HIVE_TABLES
+            options = ", hive_partitioning=true, hive_types={'run_id': VARCHAR}" if hive else ""
+            columns = "run_id, * EXCLUDE (run_id)" if hive else "*"
+            statements.append(f"CREATE OR REPLACE VIEW {table} AS SELECT {columns} FROM "
+                              f"read_parquet({_file_list(files)}, union_by_name=true{options})")
+    return statements
 
 
 def open_catalog(root: str | Path) -> duckdb.DuckDBPyConnection:
-    """Open an in-memory DuckDB with one view per store table (empty, typed views for absent tables)."""
-    store = Store(root)
-    if not store.exists():
+    """Open an in-memory DuckDB with one view per store table."""
+    if not Store(root).exists():
         raise FileNotFoundError(f"{root}: not a proteoflow store (no proteoflow.json); run `proteoflow ingest` first")
     con = duckdb.connect(":memory:")
-    for table in Store.TABLES:
-        files = store.files(table)
-        if table in ("embeddings", "residue_embeddings") and files:
-            _vector_view(con, table, files)
-            continue
-        if not files:
-            if table in EMPTY_VIEWS:
-                con.execute(f"CREATE VIEW {table} AS SELECT {EMPTY_VIEWS[table]} WHERE false")
-            continue
-        hive = table in ("members", "rejected")
-        options = ", hive_partitioning=true, hive_types={'run_id': VARCHAR}" if hive else ""
-        columns = "run_id, * EXCLUDE (run_id)" if hive else "*"
-        con.execute(f"CREATE VIEW {table} AS SELECT {columns} FROM read_parquet({_file_list(files)}, "
-                    f"union_by_name=true{options})")
+    for statement in view_statements(root):
+        con.execute(statement)
     return con
+
+
+def refresh_catalog(root: str | Path) -> dict[str, int]:
+    """Check every view answers, and write ``catalog.sql`` so any DuckDB client can `.read` the same views."""
+    con = open_catalog(root)
+    counts = {name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+              for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    header = "-- proteoflow views over this store's Parquet files; in the duckdb CLI: .read catalog.sql\n"
+    write_bytes_atomic(Path(root) / "catalog.sql", (header + ";\n".join(view_statements(root)) + ";\n").encode())
+    return counts
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:

@@ -28,7 +28,8 @@ ROW_GROUP_ROWS = 65_536
 class Store:
     """A directory holding the Parquet tables of one proteoflow store."""
 
-    TABLES = ("sequences", "members", "rejected", "runs", "embeddings", "residue_embeddings", "structures", "shards")
+    TABLES = ("sequences", "members", "rejected", "runs", "shards", "embeddings", "residue_embeddings", "contacts",
+              "structures")
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -156,12 +157,13 @@ class ParquetSink:
         self._pending_rows += batch.num_rows
         self.rows += batch.num_rows
         if self._pending_rows >= self.row_group_rows:
-            self._flush()
+            self.flush()
 
     def write_columns(self, columns: dict[str, list]) -> None:
         self.write(pa.RecordBatch.from_pydict(columns, schema=self.schema))
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what is queued as row group(s) now."""
         if self._pending:
             table = pa.Table.from_batches(self._pending, schema=self.schema)
             self._writer.write_table(table, row_group_size=self.row_group_rows)
@@ -169,7 +171,7 @@ class ParquetSink:
 
     def close(self, update_metadata: dict | None = None) -> Path:
         """Finish the file; it stays under its temporary name until :meth:`commit`."""
-        self._flush()
+        self.flush()
         if update_metadata:
             for key, value in update_metadata.items():
                 self._writer.add_key_value_metadata({key: json.dumps(value, default=str)})

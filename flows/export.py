@@ -1,0 +1,51 @@
+"""Write stored structures as PDB / mmCIF files named after their records, ready for PyMOL or ChimeraX."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from storage.catalog import open_catalog
+from storage.layout import write_bytes_atomic
+
+MAX_NAME = 100
+
+
+def safe_file_stem(record_id: str, fallback: str) -> str:
+    """A portable file name from a FASTA id: ``sp|P0A7V8|RS4_ECOLI`` -> ``sp_P0A7V8_RS4_ECOLI``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", record_id).strip("._-")[:MAX_NAME]
+    return stem or fallback
+
+
+def export_structures(store: str | Path, out: str | Path, fmt: str = "pdb", min_plddt: float | None = None,
+                      run_id: str | None = None, model: str | None = None) -> int:
+    """One file per member record with a structure passing the filters; returns how many were written.
+
+    A record id seen twice (or two ids that clean to the same name) gets its record index appended, so
+    no file overwrites another.
+    """
+    con = open_catalog(store)
+    where, params = ["true"], []
+    if min_plddt is not None:
+        where.append("s.mean_plddt >= ?")
+        params.append(min_plddt)
+    if run_id:
+        where.append("(m.run_id = ? OR s.run_id = ?)")
+        params += [run_id, run_id]
+    if model:
+        where.append("s.model = ?")
+        params.append(model)
+    column = "s.pdb" if fmt == "pdb" else "s.cif"
+    rows = con.execute(
+        f"SELECT m.seq_id, m.run_id, m.record_index, {column} FROM structures s JOIN members m USING (seq_hash) "
+        f"WHERE {' AND '.join(where)} ORDER BY m.run_id, m.record_index", params).fetchall()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for seq_id, member_run, index, text in rows:
+        stem = safe_file_stem(seq_id, f"record_{index}")
+        if stem in used:
+            stem = f"{stem}-{member_run}-{index}"
+        used.add(stem)
+        write_bytes_atomic(out / f"{stem}.{fmt}", text.encode())
+    return len(rows)

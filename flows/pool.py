@@ -1,0 +1,137 @@
+"""A pool of :class:`ShardWorker` actors with dynamic dispatch: a free actor takes the next shard.
+
+A dead actor (killed process, out of memory) is replaced and its shard retried up to ``max_attempts``;
+a shard that still fails is reported failed with its error and the run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from flows.actors import ShardWorker
+
+FAULT_ENV = ("PROTEOFLOW_KILL_SHARD", "PROTEOFLOW_FAULT_DIR", "PROTEOFLOW_POISON")
+
+
+@dataclass
+class PoolOptions:
+    """How many actors, what each reserves, and how hard to try."""
+
+    workers: int | None = None  # None: decided from the cluster (see flows.resources.resolve_pool)
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
+    max_attempts: int = 3
+    spread: bool = True
+
+
+@dataclass
+class DispatchReport:
+    """What the pool did: shards computed, failed (with errors), retries and actor replacements."""
+
+    computed: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    retries: int = 0
+    replaced_actors: int = 0
+
+
+class ActorPool:
+    """Start ``workers`` model-holding actors; :meth:`run` feeds them shards until none are left."""
+
+    def __init__(self, kind: str, model: str, engine_options: dict, options: PoolOptions) -> None:
+        self.options = options
+        threads = max(1, int(options.cpus_per_worker))
+        env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
+        actor_options: dict = {"num_cpus": options.cpus_per_worker, "num_gpus": options.gpus_per_worker,
+                               "max_restarts": 0, "max_concurrency": 1}
+        if env:
+            actor_options["runtime_env"] = {"env_vars": env}
+        if options.spread:
+            actor_options["scheduling_strategy"] = "SPREAD"
+        self._cls = ray.remote(ShardWorker).options(**actor_options)
+        self._args = (kind, model, engine_options, threads)
+        self.actors = [self._cls.remote(*self._args) for _ in range(options.workers)]
+
+    def identity(self, timeout: float = 1800) -> dict:
+        """Wait for every actor's model to load; all must report the same weights."""
+        try:
+            identities = ray.get([a.identity.remote() for a in self.actors], timeout=timeout)
+        except GetTimeoutError:
+            raise RuntimeError(f"workers did not load the model within {timeout:.0f} s: are the requested "
+                               "CPUs/GPUs available in the Ray cluster?") from None
+        except RayTaskError as exc:
+            raise RuntimeError(f"a worker failed to load the model: {exc.cause}") from None
+        shas = {i["sha"] for i in identities}
+        if len(shas) != 1:
+            raise RuntimeError(f"workers loaded different weights: {sorted(shas)}")
+        return identities[0]
+
+    def placements(self) -> list[dict]:
+        return ray.get([a.where.remote() for a in self.actors])
+
+    def run(self, shard_ids: list[int], items: Callable[[int], list], run_id: str,
+            on_done: Callable[[int, object, dict], None], on_tick: Callable[[], None] | None = None) -> DispatchReport:
+        """Dispatch shards (in the given order) to free actors; ``on_done(shard, output, meta)`` per result."""
+        report = DispatchReport()
+        queue = deque(shard_ids)
+        attempts: dict[int, int] = {}
+        idle = deque(range(len(self.actors)))
+        inflight: dict[ray.ObjectRef, tuple[int, int, float]] = {}
+        while queue or inflight:
+            while idle and queue:
+                slot, shard = idle.popleft(), queue.popleft()
+                attempts[shard] = attempts.get(shard, 0) + 1
+                ref = self.actors[slot].run_shard.remote(shard, items(shard), run_id)
+                inflight[ref] = (slot, shard, time.monotonic())
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            if on_tick is not None:
+                on_tick()
+            for ref in ready:
+                slot, shard, started = inflight.pop(ref)
+                try:
+                    output = ray.get(ref)
+                except (RayActorError, RayTaskError) as exc:
+                    error = _describe(exc)
+                    if isinstance(exc, RayActorError):
+                        self._replace(slot)
+                        report.replaced_actors += 1
+                    idle.append(slot)
+                    if attempts[shard] < self.options.max_attempts:
+                        report.retries += 1
+                        queue.appendleft(shard)
+                    else:
+                        report.failed[shard] = error
+                    continue
+                idle.append(slot)
+                on_done(shard, output, {"attempts": attempts[shard], "seconds": time.monotonic() - started,
+                                        "slot": slot})
+                report.computed.append(shard)
+        return report
+
+    def _replace(self, slot: int) -> None:
+        """Start a fresh actor in a dead one's slot (it reloads the model)."""
+        try:
+            ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        self.actors[slot] = self._cls.remote(*self._args)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - best effort on teardown
+                pass
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause if getattr(exc, "cause", None) else exc
+        return f"{type(cause).__name__}: {cause}".splitlines()[0][:2000]
+    return f"worker died: {str(exc).splitlines()[0][:500]}"

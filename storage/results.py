@@ -1,0 +1,90 @@
+"""Result tables (embeddings, per-residue embeddings, contacts, structures): schemas, file layout and the
+question every planner asks: which sequences already have results for this model?
+
+Results are filed per model identity, ``<table>/<model>-<sha>/<run_id>-<shard>.parquet``, where ``sha``
+is the checksum of the weights: two checkpoints that share a name never share a directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from storage.catalog import fetch_arrow
+from storage.layout import Store, write_table_atomic
+
+IDENTITY = [("seq_hash", pa.string()), ("model", pa.string()), ("model_sha", pa.string())]
+PROVENANCE = [("run_id", pa.string()), ("random_weights", pa.bool_())]
+
+
+def vector_type(dim: int, dtype: str = "float32") -> pa.DataType:
+    """A fixed-width vector: DuckDB casts it to FLOAT[dim] for the array functions."""
+    return pa.list_(pa.float16() if dtype == "float16" else pa.float32(), dim)
+
+
+def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    return pa.schema(IDENTITY + [
+        ("layer", pa.int16()), ("pooling", pa.string()), ("embedding", vector_type(dim, dtype)),
+        ("length", pa.int32()), ("strategy", pa.string()), ("precision", pa.string()),
+    ] + PROVENANCE)
+
+
+def residue_embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    return pa.schema(IDENTITY + [
+        ("layer", pa.int16()), ("embedding", pa.list_(vector_type(dim, dtype))), ("length", pa.int32()),
+        ("strategy", pa.string()), ("precision", pa.string()),
+    ] + PROVENANCE)
+
+
+CONTACTS_SCHEMA = pa.schema(IDENTITY + [
+    ("length", pa.int32()), ("contacts", pa.list_(pa.float32())),  # row-major length x length
+] + PROVENANCE)
+
+STRUCTURES_SCHEMA = pa.schema(IDENTITY + [
+    ("mean_plddt", pa.float32()), ("ptm", pa.float32()), ("plddt", pa.list_(pa.float32())),
+    ("pae", pa.list_(pa.float32())), ("pdb", pa.string()), ("cif", pa.string()), ("length", pa.int32()),
+    ("chains", pa.int16()), ("num_recycles", pa.int16()), ("chunk_size", pa.int32()), ("device", pa.string()),
+    ("stem_dtype", pa.string()), ("fallbacks", pa.list_(pa.string())),
+] + PROVENANCE)
+
+
+def safe_name(text: str) -> str:
+    """A file-system-safe rendering of a model name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
+
+
+def model_dir(store: Store, table: str, model: str, sha: str) -> Path:
+    return store.table_dir(table) / f"{safe_name(model)}-{sha}"
+
+
+def shard_path(store: Store, table: str, model: str, sha: str, run_id: str, shard_id: int) -> Path:
+    """Where one shard's rows of ``table`` land; its existence marks the shard done."""
+    return model_dir(store, table, model, sha) / f"{run_id}-{shard_id:05d}.parquet"
+
+
+def write_shard(path: Path, table: pa.Table, provenance: dict) -> Path:
+    """Commit one shard's output atomically (temp file + rename)."""
+    return write_table_atomic(path, table, path.parent.parent.name, provenance)
+
+
+def computed_hashes(store: Store, table: str, model: str, sha: str, required: list[tuple] | None = None) -> pa.Array:
+    """``seq_hash`` values that already have every required row in ``table`` for this model identity.
+
+    ``required`` lists ``(layer, pooling)`` pairs for embeddings; a sequence missing any of them is not done.
+    """
+    files = sorted(p for p in model_dir(store, table, model, sha).glob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        return pa.array([], pa.string())
+    con = duckdb.connect(":memory:")
+    source = "read_parquet([" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "])"
+    where = f"model = '{model.replace(chr(39), chr(39) * 2)}' AND model_sha = '{sha}'"
+    if required:
+        pairs = ", ".join(f"'{int(layer)}:{pooling}'" for layer, pooling in required)
+        sql = (f"SELECT seq_hash FROM {source} WHERE {where} AND layer || ':' || pooling IN ({pairs}) "
+               f"GROUP BY seq_hash HAVING count(DISTINCT layer || ':' || pooling) = {len(required)}")
+    else:
+        sql = f"SELECT DISTINCT seq_hash FROM {source} WHERE {where}"
+    return fetch_arrow(con, sql).column(0).combine_chunks()
