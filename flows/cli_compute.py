@@ -178,18 +178,16 @@ def print_run_summary(record, out=sys.stdout) -> None:
     out.write("\n".join(lines) + "\n")
 
 
-def use_local_prefect_home(store: str) -> None:
-    """Without PREFECT_API_URL, Prefect runs a temporary server on a SQLite file under PREFECT_HOME; give each
-    store its own so concurrent runs on different stores never lock each other's database."""
+def prepare_prefect_environment() -> None:
+    """Prefect's temporary local API (used when PREFECT_API_URL is unset) can take well over its default
+    20 s to start on a small, busy machine; give it 120 s unless the user chose otherwise."""
     import os
-    from pathlib import Path
 
-    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
-        os.environ["PREFECT_HOME"] = str(Path(store).resolve() / ".prefect")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def cmd_compute(args: argparse.Namespace) -> int:
-    use_local_prefect_home(require_store(args))
+    prepare_prefect_environment()
     from flows.pipeline import FLOWS, RunFailed
 
     job = build_job(args)

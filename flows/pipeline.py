@@ -216,7 +216,9 @@ def _pipeline(job: Job) -> RunRecord:
         try:
             ingested = ingest_inputs(job)
             identity = pool.identity()
+            placements = pool.placements()
             record, plan, done = plan_shards(job, ingested["run_id"], identity)
+            record.counts["placements"] = placements
             computed = compute_shards(job, pool, record, plan, done, identity)
         finally:
             pool.shutdown()

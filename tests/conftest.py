@@ -65,3 +65,34 @@ def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], input=input, capture_output=True,
                           env=full_env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary API and database), started once per test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real Ray cluster per session: two nodes, each with 2 CPUs and 1 logical GPU (multi-node tests)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
+    cluster.add_node(num_cpus=2, num_gpus=1)
+    ray.init(address=cluster.address, include_dashboard=False, logging_level="WARNING")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_esm2(tmp_path_factory) -> Path:
+    """A tiny random-weight ESM-2 saved by transformers (EsmForMaskedLM), loaded through the user's code path."""
+    from esm_core.random_weights import write_random_hf_checkpoint
+
+    return write_random_hf_checkpoint(tmp_path_factory.mktemp("models") / "tiny_esm2", arch="tiny_esm2")
