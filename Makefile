@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	PROTEOFLOW_STORE=$(STORE) $(BIN)/python -m flows.demo --store $(STORE)
+	$(BIN)/python -m flows.demo --store $(STORE)
 
 test: install
 	$(BIN)/python -m pytest -q

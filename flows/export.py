@@ -21,8 +21,8 @@ def export_structures(store: str | Path, out: str | Path, fmt: str = "pdb", min_
                       run_id: str | None = None, model: str | None = None) -> int:
     """One file per member record with a structure passing the filters; returns how many were written.
 
-    A record id seen twice (or two ids that clean to the same name) gets its record index appended, so
-    no file overwrites another.
+    A record id seen twice with different structures (or two ids that clean to the same name) gets its run
+    and record index appended, so no file overwrites another.
     """
     con = open_catalog(store)
     where, params = ["true"], []
@@ -36,9 +36,12 @@ def export_structures(store: str | Path, out: str | Path, fmt: str = "pdb", min_
         where.append("s.model = ?")
         params.append(model)
     column = "s.pdb" if fmt == "pdb" else "s.cif"
+    # The same record (id and sequence) ingested by several runs is written once per model.
     rows = con.execute(
         f"SELECT m.seq_id, m.run_id, m.record_index, {column} FROM structures s JOIN members m USING (seq_hash) "
-        f"WHERE {' AND '.join(where)} ORDER BY m.run_id, m.record_index", params).fetchall()
+        f"WHERE {' AND '.join(where)} "
+        "QUALIFY row_number() OVER (PARTITION BY m.seq_id, s.seq_hash, s.model ORDER BY m.run_id, m.record_index) = 1 "
+        "ORDER BY m.run_id, m.record_index", params).fetchall()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
