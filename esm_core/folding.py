@@ -64,9 +64,15 @@ def stem_dtype(device: torch.device) -> torch.dtype:
 
 
 def place_model(model: EsmForProteinFolding, device: torch.device) -> None:
-    """Move ``model`` to ``device``: folding trunk in fp32, ESM-2 stem in :func:`stem_dtype`."""
-    model.to(device=device, dtype=torch.float32)
-    model.esm.to(dtype=stem_dtype(device))
+    """Move ``model`` (loaded in fp32) to ``device`` with its ESM-2 stem in :func:`stem_dtype`; the stem
+    is halved before a move to the GPU and widened after a move off it, never fp32 on the GPU."""
+    dtype = stem_dtype(device)
+    if dtype == torch.float16:
+        model.esm.to(dtype=dtype)
+        model.to(device=device)
+    else:
+        model.to(device=device)
+        model.esm.to(dtype=dtype)
 
 
 def _offline() -> bool:
@@ -90,7 +96,7 @@ def load_esmfold(spec: str, device: str | torch.device | None = None) -> LoadedF
     target = pick_device(str(device) if device is not None else None)
     source, name, attempts = _resolve(spec)
     errors: list[str] = []
-    previous = hf_logging.get_verbosity()
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -120,7 +126,8 @@ def load_esmfold(spec: str, device: str | torch.device | None = None) -> LoadedF
             raise ModelNotFoundError(f"ESMFold model {spec!r} not found: tried {tried}: {errors[-1]}")
     finally:
         hf_logging.set_verbosity(previous)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval().requires_grad_(False)
     random_weights = bool(getattr(config, RANDOM_WEIGHTS_KEY, False))
     if random_weights:
