@@ -162,6 +162,10 @@ def compute_shards(job: Job, pool: ActorPool, record: RunRecord, plan: Plan, don
 
     try:
         report = pool.run(todo, plan.items, record.run_id, on_done, on_tick)
+    except KeyboardInterrupt:
+        record.counts.update(shards=len(plan.shards), shards_done_before=len(done))
+        record.finish(store, "interrupted", "interrupted; rerun the same command to resume")
+        raise
     finally:
         if bar is not None:
             on_tick()

@@ -1,6 +1,7 @@
 """Run records: one small Parquet file per run holding its parameters, counts, status and versions.
 
-A record is rewritten atomically at each status change (running -> completed | partial | failed), so
+A record is rewritten atomically at each status change (running -> completed | partial | failed |
+interrupted), so
 ``runs`` always shows the latest whole state of every run.
 """
 
@@ -30,7 +31,7 @@ RUN_SCHEMA = pa.schema([
     ("message", pa.string()),
 ])
 
-STATUSES = ("running", "completed", "partial", "failed")
+STATUSES = ("running", "completed", "partial", "failed", "interrupted")
 
 
 def utcnow() -> datetime:
