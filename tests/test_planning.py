@@ -1,0 +1,44 @@
+"""Shard planning: cost-balanced, longest first, every sequence exactly once; and the small CLI commands."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+from flows.planning import MAX_SHARD_SEQUENCES, cut_shards, embedding_cost, folding_cost
+
+
+def test_shards_cover_every_sequence_once_longest_first_and_balanced() -> None:
+    lengths = [50 + (i * 37) % 1400 for i in range(3000)]
+    shards = cut_shards(lengths, embedding_cost, workers=4)
+    flat = [i for shard in shards for i in shard]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    costs = [sum(embedding_cost(lengths[i]) for i in shard) for shard in shards]
+    assert len(shards) >= 16 and max(costs) <= 1.3 * (sum(costs) / len(costs))
+    assert all(len(s) <= MAX_SHARD_SEQUENCES for s in shards)
+
+
+def test_folding_cost_isolates_long_chains() -> None:
+    lengths = [2000] + [100] * 200
+    shards = cut_shards(lengths, folding_cost, workers=2)
+    assert shards[0] == [0]  # the cubic cost of one long chain fills a shard on its own
+
+
+def test_empty_plan() -> None:
+    assert cut_shards([], embedding_cost, workers=3) == []
+
+
+def test_models_lists_known_names() -> None:
+    result = run_cli("models", "--format", "json")
+    assert result.returncode == 0
+    names = {row["name"] for row in json.loads(result.stdout)}
+    assert {"esm2_t6_8M_UR50D", "esm2_t48_15B_UR50D", "esm1b_t33_650M_UR50S", "esm1v_t33_650M_UR90S_5"} <= names
+
+
+def test_help_teaches() -> None:
+    for command in ("embed", "fold", "ingest", "sql", "export-structures"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and b"--store" in result.stdout
+    assert b"example" in run_cli("embed", "--help").stdout
