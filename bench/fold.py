@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="Folder token budget (default 1024)")
     parser.add_argument("--num-recycles", type=int, default=None, help="default: the model's own")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each; the median is reported")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (1 is steadier on a busy CPU)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/proteoflow-bench"))
     parser.add_argument("--json", action="store_true", help="also print one JSON line")
     args = parser.parse_args()
@@ -87,6 +90,8 @@ def main() -> None:
     if not ECOLI.exists():
         sys.exit(f"E. coli proteome not found at {ECOLI}")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     proteins = read_proteins(ECOLI, args.n, args.min_len, args.max_len)
     loaded = load_esmfold(model_source(args.model, args.workdir), device=args.device)
     model = loaded.model
