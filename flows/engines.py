@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,21 +30,27 @@ class ShardOutput:
     seconds: float = 0.0
 
 
-def isolate_failures(run: Callable[[Items], list], items: Items) -> tuple[list, list[tuple[str, str]]]:
-    """Run ``items``; if that raises, bisect until each failing sequence stands alone.
+def isolate_failures(run: Callable[[Items], Iterator], items: Items) -> tuple[list, list[tuple[str, str]]]:
+    """Run ``items``, keeping every result produced; if the engine raises, bisect what is left until each
+    failing sequence stands alone.
 
-    A poison sequence (one that always fails) costs log2(n) extra calls and ends as one error, instead of
-    failing its whole shard on every retry.
+    A poison sequence (one that always fails) costs about log2(n) extra calls over the unfinished part and
+    ends as one error, instead of failing its whole shard on every retry.
     """
+    found: list = []
     try:
-        return run(items), []
+        for result in run(items):
+            found.append(result)
+        return found, []
     except Exception as exc:  # noqa: BLE001 - any engine failure is isolated, not swallowed
-        if len(items) == 1:
-            return [], [(items[0][0], f"{type(exc).__name__}: {exc}".strip()[:2000])]
-    half = len(items) // 2
-    left, left_errors = isolate_failures(run, items[:half])
-    right, right_errors = isolate_failures(run, items[half:])
-    return left + right, left_errors + right_errors
+        finished = {r.key for r in found}
+        rest = [item for item in items if item[0] not in finished]
+        if len(rest) <= 1:
+            return found, [(item[0], f"{type(exc).__name__}: {exc}".strip()[:2000]) for item in rest]
+    half = len(rest) // 2
+    left, left_errors = isolate_failures(run, rest[:half])
+    right, right_errors = isolate_failures(run, rest[half:])
+    return found + left + right, left_errors + right_errors
 
 
 def _poisoned(items: Items) -> None:
@@ -106,9 +112,9 @@ class EmbedEngine:
             tables["contacts"] = _table(contacts, results.CONTACTS_SCHEMA)
         return ShardOutput(tables, errors, fallbacks, sum(r.length for r in found), time.perf_counter() - started)
 
-    def _embed(self, items: Items) -> list:
+    def _embed(self, items: Items) -> Iterator:
         _poisoned(items)
-        return list(self.embedder.embed(items))
+        yield from self.embedder.embed(items)
 
 
 class FoldEngine:
@@ -144,9 +150,9 @@ class FoldEngine:
         return ShardOutput({"structures": table}, errors, sum(len(r.fallbacks) for r in found),
                            sum(r.length for r in found), time.perf_counter() - started)
 
-    def _fold(self, items: Items) -> list:
+    def _fold(self, items: Items) -> Iterator:
         _poisoned(items)
-        return list(self.folder.fold(items))
+        yield from self.folder.fold(items)
 
 
 ENGINES = {"embed": EmbedEngine, "fold": FoldEngine}

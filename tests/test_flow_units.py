@@ -1,4 +1,4 @@
-"""Shard planning: cost-balanced, longest first, every sequence exactly once; and the small CLI commands."""
+"""Pure pieces of the flows: shard planning, poison isolation; and the small CLI commands."""
 
 from __future__ import annotations
 
@@ -42,3 +42,24 @@ def test_help_teaches() -> None:
         result = run_cli(command, "--help")
         assert result.returncode == 0 and b"--store" in result.stdout
     assert b"example" in run_cli("embed", "--help").stdout
+
+
+def test_isolate_failures_keeps_results_and_pins_the_poison() -> None:
+    from types import SimpleNamespace
+
+    from flows.engines import isolate_failures
+
+    calls = []
+
+    def run(items):
+        calls.append(len(items))
+        for key, seq in items:
+            if seq == "POISON":
+                raise RuntimeError("bad residue")
+            yield SimpleNamespace(key=key)
+
+    items = [(f"h{i}", "POISON" if i == 5 else "MKV") for i in range(12)]
+    found, errors = isolate_failures(run, items)
+    assert sorted(r.key for r in found) == sorted(k for k, _ in items if k != "h5")
+    assert errors == [("h5", "RuntimeError: bad residue")]
+    assert sum(calls) < 2 * len(items)  # finished results are kept, not recomputed
