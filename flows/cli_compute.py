@@ -188,11 +188,11 @@ def prepare_prefect_environment() -> None:
 
 def cmd_compute(args: argparse.Namespace) -> int:
     prepare_prefect_environment()
-    from flows.pipeline import FLOWS, RunFailed
+    from flows.pipeline import RunFailed, run_job
 
     job = build_job(args)
     try:
-        record = FLOWS[job.kind](job)
+        record = run_job(job)
     except RunFailed as exc:
         if exc.record is not None:
             print_run_summary(exc.record)

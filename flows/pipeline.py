@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -246,6 +247,27 @@ def fold_flow(job: Job) -> RunRecord:
 
 
 FLOWS = {"embed": embed_flow, "fold": fold_flow}
+
+
+def _start_prefect_api() -> None:
+    """Start Prefect's temporary local API (a subprocess) now, so it boots while Ray starts."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer().start()
+
+
+def run_job(job: Job) -> RunRecord:
+    """Run a job's flow, overlapping the two slow start-ups: Prefect's temporary API and the local Ray."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    starter = None
+    if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        starter = threading.Thread(target=_start_prefect_api, name="prefect-api", daemon=True)
+        starter.start()
+    with ray_session(job.ray_address, ship_code=job.ship_code):
+        if starter is not None:
+            starter.join()
+        return FLOWS[job.kind](job)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
