@@ -27,8 +27,8 @@ from esm_core.windows import Stitcher, plan_windows
 
 POOLINGS = ("mean", "bos")
 LONG_STRATEGIES = ("window", "truncate")
-# Token rows are padded to a multiple of this: a handful of shapes instead of one per batch, so oneDNN /
-# cuBLAS reuse their kernels (on the AMX CPU a new GEMM shape costs as much as the GEMM itself).
+# Token rows are padded to a multiple of this: tensor-core friendly shapes on GPU and fewer distinct shapes
+# for kernel caches, at the cost of < 8 masked positions per row (padding never changes the result).
 PAD_MULTIPLE = 8
 
 

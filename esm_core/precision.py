@@ -1,7 +1,7 @@
 """Which precision to run at, a model copy cast to it, and how close it stays to fp32.
 
 Measured on this project's 2-core Sapphire Rapids CPU (AMX): a 2048^2 bf16 GEMM runs at ~2.4 TFLOP/s vs
-~0.38 TFLOP/s fp32, and an esm2_t12 forward is ~2.5x faster with the model cast to bf16, a little faster
+~0.38 TFLOP/s fp32, and an esm2_t12 forward is ~2-2.5x faster with the model cast to bf16, a little faster
 than bf16 autocast (autocast re-casts weights every call). So bf16 means "cast the weights", on CPU and GPU.
 """
 
