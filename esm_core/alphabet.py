@@ -34,12 +34,13 @@ def encode(sequence: str) -> np.ndarray:
 def batch_tokens(sequences: Sequence[str], pad_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Token matrix (B, T) as <cls> residues <eos> <pad>..., and the residue count of each row.
 
-    T is the longest sequence + 2, rounded up to ``pad_multiple``: fixed shape buckets let oneDNN / cuBLAS
-    reuse kernels across batches; padded positions are masked out so they never change the result.
+    T is the longest sequence + 2, rounded up to ``pad_multiple`` when the batch needs padding anyway (mixed
+    lengths); equal-length batches stay unpadded so attention can run without a mask (flash kernels).
     """
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     width = int(lengths.max(initial=0)) + 2
-    width = -(-width // pad_multiple) * pad_multiple
+    if lengths.size and lengths.min() != lengths.max():
+        width = -(-width // pad_multiple) * pad_multiple
     tokens = np.full((len(sequences), width), PAD, dtype=np.int64)
     tokens[:, 0] = CLS
     for row, seq in enumerate(sequences):

@@ -47,19 +47,26 @@ def activation_bytes_per_token(hidden: int, ffn: int, heads: int, max_len: int, 
     return element_bytes * (6 * hidden + 2 * ffn + heads * max_len)
 
 
-def default_max_tokens(model: torch.nn.Module, device: torch.device, element_bytes: int = 2) -> int:
+def default_max_tokens(
+    model: torch.nn.Module, device: torch.device, element_bytes: int = 2, contacts: bool = False
+) -> int:
     """Token budget for ``device``: a measured constant on CPU; on GPU, 60% of free memory after the
-    weights, divided by the activation cost of a full-length (1024-token) sequence."""
-    if device.type != "cuda":
-        return CPU_MAX_TOKENS
+    weights, divided by the activation cost of a full-length (1024-token) sequence.
+
+    With contacts every layer's attention map is kept (layers x heads x T per token), so the budget shrinks
+    to what that allows (CPU: 2 GiB of maps), never below one full-length sequence.
+    """
     config = model.config
+    maps = config.num_hidden_layers * config.num_attention_heads * 1024 * element_bytes if contacts else 0
+    if device.type != "cuda":
+        return CPU_MAX_TOKENS if not contacts else max(1026, min(CPU_MAX_TOKENS, (2 << 30) // maps))
     free, _total = torch.cuda.mem_get_info(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_token = activation_bytes_per_token(
+    per_token = maps + activation_bytes_per_token(
         config.hidden_size, config.intermediate_size, config.num_attention_heads, 1024, element_bytes
     )
     budget = int(0.6 * max(free - weights, 0) / per_token)
-    return max(GPU_MIN_TOKENS, min(GPU_MAX_TOKENS, budget))
+    return max(1026 if contacts else GPU_MIN_TOKENS, min(GPU_MAX_TOKENS, budget))
 
 
 def run_with_oom_fallback(

@@ -5,7 +5,8 @@ calls them; only the loop stops early and the LM head is never touched.
 Attention runs through PyTorch SDPA. When a batch has no padding the mask is ``None`` (transformers'
 ``create_bidirectional_mask`` drops all-ones masks), which lets CUDA pick the flash kernel; a padded batch
 carries a boolean mask, which SDPA serves with the memory-efficient kernel on GPU and the flash-style
-CPU kernel on CPU. Length-sorted batches keep that padding small.
+CPU kernel on CPU. Length-sorted batches keep that padding small, and a batch whose sequences all have the
+same length (e.g. the 1,022-residue windows of long proteins) is not rounded up, so it carries no mask.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class Embedder:
         self.precision = resolve_precision(precision, self.device)
         self.model = cast_model(loaded.model, self.precision)
         element_bytes = torch.finfo(next(self.model.parameters()).dtype).bits // 8
-        self.max_tokens = max_tokens or default_max_tokens(self.model, self.device, element_bytes)
+        self.max_tokens = max_tokens or default_max_tokens(self.model, self.device, element_bytes, contacts)
         self.window = loaded.max_residues
         self.stride = self.window // 2
         self._cpu_model: tuple[EsmModel, str] | None = None

@@ -129,6 +129,7 @@ MODELS: dict[str, ModelInfo] = {m.name: m for m in _MODELS}
 TINY_ARCHS: dict[str, dict[str, Any]] = {
     "tiny_esm2": esm2_arch(2, 32, 4),
     "tiny_esm1b": esm1b_arch(2, 32, 4, 64),
+    "tiny_esm1v": esm1b_arch(2, 32, 4, 64, emb_layer_norm_before=False),
 }
 
 

@@ -43,3 +43,8 @@ def test_batch_layout_and_padding_multiple():
     assert tokens[0, :5].tolist() == [0, 20, 15, 7, 2]
     assert tokens[1, :3].tolist() == [0, 5, 2]
     assert np.all(tokens[0, 5:] == alphabet.PAD) and np.all(tokens[1, 3:] == alphabet.PAD)
+
+
+def test_equal_lengths_are_not_rounded_up():
+    tokens, _ = alphabet.batch_tokens(["MKV", "AAA"], pad_multiple=8)
+    assert tokens.shape == (2, 5) and not np.any(tokens == alphabet.PAD)

@@ -47,6 +47,7 @@ def items():
 def test_default_budget_on_cpu(loaded):
     assert default_max_tokens(loaded.model, torch.device("cpu")) == CPU_MAX_TOKENS
     assert Embedder(loaded).max_tokens == CPU_MAX_TOKENS
+    assert 1026 <= Embedder(loaded, contacts=True).max_tokens <= CPU_MAX_TOKENS
 
 
 def inject_oom(model, when):
