@@ -35,6 +35,12 @@ EMPTY_VIEWS = {
                   "NULL::INTEGER AS layer, NULL::VARCHAR AS pooling, NULL::FLOAT[] AS embedding",
     "structures": "NULL::VARCHAR AS seq_hash, NULL::VARCHAR AS model, NULL::VARCHAR AS pdb, "
                   "NULL::FLOAT AS mean_plddt, NULL::FLOAT AS ptm",
+    "residue_embeddings": "NULL::VARCHAR AS seq_hash, NULL::VARCHAR AS model, NULL::VARCHAR AS model_sha, "
+                          "NULL::SMALLINT AS layer, NULL::FLOAT[][] AS embedding",
+    "contacts": "NULL::VARCHAR AS seq_hash, NULL::VARCHAR AS model, NULL::VARCHAR AS model_sha, "
+                "NULL::INTEGER AS length, NULL::FLOAT[] AS contacts",
+    "shards": "NULL::VARCHAR AS run_id, NULL::INTEGER AS shard_id, NULL::VARCHAR AS status, NULL::INTEGER AS attempt, "
+              "NULL::INTEGER AS tries, NULL::VARCHAR AS error",
 }
 
 
