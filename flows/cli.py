@@ -173,10 +173,24 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+NUMERIC_LIST_OPTIONS = ("--layers",)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Let ``--layers -1,6`` work: argparse would take ``-1,6`` for an option, so glue it as ``--layers=-1,6``."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in NUMERIC_LIST_OPTIONS and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, dispatch, and turn expected failures into one-line errors (exit 2)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

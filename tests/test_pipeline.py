@@ -7,6 +7,7 @@ process group) or injected where the engine itself must fail (a poison sequence)
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -166,3 +167,17 @@ def test_driver_process_group_killed_then_rerun_resumes(tmp_path):
     seqs = sequences_of([EXAMPLE])
     options = {"layers": [-1], "poolings": ["mean"], "precision": "fp32"}
     assert_same(stored(store, run_id), reference(model, seqs, options))
+
+
+def test_cli_joins_an_existing_cluster_with_ray_address(ray_cluster, tiny_esm2, inputs, tmp_path):
+    """Submission to a running cluster: a separate driver process joins it, ships the code, spreads actors."""
+    store = tmp_path / "store"
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "embed", *map(str, inputs), "--store", str(store), "--model",
+         str(tiny_esm2), "--layers", "-1,1", "--pooling", "mean,bos", "--precision", "fp32",
+         "--ray-address", ray_cluster.address, "--ship-code", "--workers", "2", "--gpus-per-worker", "1",
+         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [(run_id, counts)] = query(store, "SELECT run_id, counts FROM runs WHERE kind = 'embed'")[1]
+    assert len({p["node_id"] for p in json.loads(counts)["placements"]}) == 2
+    assert_same(stored(store, run_id), reference(tiny_esm2, sequences_of(inputs)))
