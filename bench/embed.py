@@ -56,7 +56,7 @@ def read_proteins(path: Path, count: int, max_length: int = 1022) -> Items:
     return items
 
 
-def gemm_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def gemm_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """Best-of-``repeats`` FLOP/s of an n x n x n matmul."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
@@ -140,12 +140,21 @@ def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
+def measure_peak(peak: dict[str, float]) -> dict[str, float]:
+    """Raise ``peak`` to the best GEMM rates seen now: the CPU is shared, so peaks are re-measured before
+    each model and the best of all measurements is the denominator."""
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peak[name] = max(peak.get(name, 0.0), gemm_flops(dtype))
+    return peak
+
+
 def bench_model(arch: str, items: Items, workdir: Path, peak: dict[str, float]) -> list[str]:
     residues = sum(len(s) for _, s in items)
     path = write_random_fair_esm_checkpoint(workdir / f"{arch}.pt", arch, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = load_esm(str(path))
+    measure_peak(peak)
     t_auto, auto, auto_desc = run_proteoflow(loaded, items, "auto")
     t_fp32, fp32, _ = run_proteoflow(loaded, items, "fp32")
     t_naive, naive = run_naive(loaded, items, workdir)
@@ -198,12 +207,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     items = read_proteins(args.fasta, args.n)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    peak = {"fp32": gemm_flops(torch.float32), "bf16": gemm_flops(torch.bfloat16)}
-    print(f"GEMM 2048^3: fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s")
+    peak = measure_peak({})
+    print(
+        f"GEMM 2048^3 at start: fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models:
             for line in bench_model(arch, items, Path(tmp), peak):
                 print(line, flush=True)
+    measure_peak(peak)
+    print(
+        f"\nGEMM 2048^3 best seen (the FLOP shares above use the best seen up to that model): "
+        f"fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s"
+    )
     return 0
 
 
