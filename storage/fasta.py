@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import pyarrow as pa
+
 BLOCK_SIZE = 1 << 22
 FASTA_SUFFIXES = (".fa", ".fasta", ".faa", ".fas", ".pep", ".aa", ".fsa")
 GZIP_MAGIC = b"\x1f\x8b"
@@ -166,7 +168,17 @@ def iter_records(source: Source) -> Iterator[tuple[bytes, bytes]]:
         yield from (split_record(rec) for rec in chunk.split(b"\n>"))
 
 
-def parse_headers(headers: list[bytes]) -> tuple[list[str], list[str]]:
-    """Ids (first word) and descriptions (the rest) of a block of header lines."""
-    words = [h.decode("utf-8", "replace").split(None, 1) for h in headers]
-    return [w[0] if w else "" for w in words], [w[1] if len(w) == 2 else "" for w in words]
+def parse_headers(headers: list[bytes]) -> tuple[pa.Array, pa.Array]:
+    """Ids (first word) and descriptions (the rest) of a block of header lines, as Arrow strings.
+
+    Split as bytes and validated as UTF-8 by Arrow in one call; a block with invalid UTF-8 is decoded
+    record by record with replacement characters instead.
+    """
+    words = [h.split(None, 1) for h in headers]
+    ids = [w[0] if w else b"" for w in words]
+    descriptions = [w[1] if len(w) == 2 else b"" for w in words]
+    try:
+        return pa.array(ids, pa.binary()).cast(pa.string()), pa.array(descriptions, pa.binary()).cast(pa.string())
+    except pa.ArrowInvalid:
+        return (pa.array([x.decode("utf-8", "replace") for x in ids], pa.string()),
+                pa.array([x.decode("utf-8", "replace") for x in descriptions], pa.string()))

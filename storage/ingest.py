@@ -14,7 +14,9 @@ import hashlib
 import multiprocessing
 import os
 import shutil
+import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -216,7 +218,9 @@ def _ordered_map(fn: Callable, tasks: Iterator[tuple], workers: int) -> Iterator
         for task in tasks:
             yield fn(*task)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # fork is cheapest (no re-imports) but only safe while this process has no other threads; else spawn.
+    method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
     try:
         pending: deque = deque()
         for task in tasks:
@@ -247,7 +251,7 @@ def default_workers(sources: list[Source]) -> int:
 def _stream_records(scratch: Path, sources: list[Source], min_length: int | None, max_length: int | None,
                     progress: ProgressFn | None, workers: int) -> _Pass1:
     """Pass 1: read every record once, write members/rejected to staging and spill sequences by hash."""
-    members_sink = ParquetSink(scratch / ".members.parquet", MEMBER_SCHEMA, "members")
+    members_sink = ParquetSink(scratch / ".members.parquet", MEMBER_SCHEMA, "members", background=True)
     rejected_sink = ParquetSink(scratch / ".rejected.parquet", REJECTED_SCHEMA, "rejected")
     state = _Pass1(members_sink, rejected_sink, _Spill(scratch), hashlib.sha1(usedforsecurity=False),
                    Counter(), Counter())
@@ -257,18 +261,20 @@ def _stream_records(scratch: Path, sources: list[Source], min_length: int | None
 
     def on_bytes(block: bytes) -> None:
         nonlocal bytes_read
-        state.digest.update(block)
         bytes_read += len(block)
+
+    token = uuid.uuid4().hex
 
     def tasks() -> Iterator[tuple]:
         for source in sources:
             state.digest.update(b"\x00source\x00")
             for chunk in iter_record_chunks(source, on_bytes):
-                yield chunk, source.name, min_length, max_length
+                yield chunk, source.name, min_length, max_length, token
 
     sniffers = {s.name: _NucleotideSniffer(s) for s in sources}
     try:
         for block in _ordered_map(process_chunk, tasks(), workers):
+            state.digest.update(block.digest)
             accepted, rejected = _offset(block.accepted, records), _offset(block.rejected, records)
             records += block.records
             sniffers[block.source].check(accepted.column("sequence"))
@@ -278,7 +284,8 @@ def _stream_records(scratch: Path, sources: list[Source], min_length: int | None
             members_sink.write(accepted.drop_columns(["sequence"]))
             state.counts["residues"] += block.residues
             hashes = accepted.column("seq_hash").to_pylist()
-            unseen = [h not in seen for h in hashes]
+            delivered = accepted.column("sequence").is_valid().to_pylist()
+            unseen = [ok and h not in seen for h, ok in zip(hashes, delivered, strict=True)]
             if any(unseen):
                 seen.update(h for h, new in zip(hashes, unseen, strict=True) if new and len(seen) < SEEN_CAP)
                 state.spill.add(accepted.filter(pa.array(unseen)).select(["seq_hash", "sequence"]))
@@ -309,7 +316,7 @@ class _NucleotideSniffer:
     def check(self, seqs: pa.Array) -> None:
         if self.total >= NUCLEOTIDE_SNIFF_RESIDUES:
             return
-        for value in seqs[:1000]:
+        for value in seqs[:1000].drop_null():
             seq = value.as_py().encode("ascii")
             self.total += len(seq)
             self.nucleotides += len(seq) - len(seq.translate(None, NUCLEOTIDE_LETTERS))
