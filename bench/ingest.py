@@ -68,7 +68,8 @@ def main() -> None:
     wrapper = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
                "code = 0\ntry:\n    runpy.run_module(sys.argv[0], run_name='__main__') if not sys.argv[0].endswith('.py') "
                "else runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    code = e.code or 0\n"
-               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(code)")
+               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\nsys.exit(code)")
     results = {}
     baseline_script = args.workdir / "baseline.py"
     baseline_script.write_text(BASELINE)
@@ -81,14 +82,17 @@ def main() -> None:
         wall = time.perf_counter() - start
         if proc.returncode:
             sys.exit(f"{name} failed:\n{proc.stderr}")
-        peak_kb = int(next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")))
+        fields = next(line.split() for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB"))
+        # parse workers (children) are separate processes: count each at the largest child's peak
+        workers = 0 if "--workers" in cmd else (os.cpu_count() or 1) if name.startswith("proteoflow") else 0
+        peak_kb = int(fields[1]) + workers * int(fields[2])
         out = proc.stdout.strip().splitlines()[-1]
         records = json.loads(out)["records"] if out.startswith("{") else int(out)
         results[name] = {"wall_s": wall, "records": records, "peak_rss_mb": peak_kb / 1024}
 
     print(f"input: {fasta} ({size_mb:,.0f} MB, {results['proteoflow ingest']['records']:,} records), "
           f"cpus={os.cpu_count()}")
-    print(f"{'':22}{'wall s':>9}{'records/s':>13}{'MB/s':>9}{'peak RSS MB':>13}")
+    print(f"{'':22}{'wall s':>9}{'records/s':>13}{'MB/s':>9}{'peak RSS MB':>13}  (proteoflow: main + parse workers)")
     for name, r in results.items():
         print(f"{name:22}{r['wall_s']:9.1f}{r['records'] / r['wall_s']:13,.0f}{size_mb / r['wall_s']:9.1f}"
               f"{r['peak_rss_mb']:13.0f}")

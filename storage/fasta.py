@@ -83,7 +83,7 @@ def _open_binary(source: Source) -> tuple[BinaryIO, BinaryIO]:
         raw: BinaryIO = sys.stdin.buffer
     else:
         try:
-            raw = open(source.name, "rb")  # noqa: SIM115 - closed by iter_records
+            raw = open(source.name, "rb")  # noqa: SIM115 - closed by iter_record_chunks
         except OSError as exc:
             raise InputError(f"{source.name}: cannot open: {exc.strerror}") from None
     head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
@@ -121,12 +121,6 @@ def _check_start(data: bytes, name: str) -> bytes:
     raise InputError(f"{name}: not FASTA: text before the first '>' (line starts {first_line!r})")
 
 
-def split_record(rec: bytes) -> tuple[bytes, bytes]:
-    """Split a raw record (without its '>') into header line and raw sequence lines."""
-    header, _, seq = rec.partition(b"\n")
-    return header.rstrip(b"\r"), seq
-
-
 def iter_record_chunks(source: Source, on_bytes: Callable[[bytes], None] | None = None) -> Iterator[bytes]:
     """Yield chunks of whole records, one per block: ``rec1\\n>rec2...`` without the first '>'.
 
@@ -160,12 +154,6 @@ def iter_record_chunks(source: Source, on_bytes: Callable[[bytes], None] | None 
             stream.close()
         if not source.is_stdin:
             raw.close()
-
-
-def iter_records(source: Source) -> Iterator[tuple[bytes, bytes]]:
-    """Yield ``(header, raw_sequence)`` per record; the header excludes '>'."""
-    for chunk in iter_record_chunks(source):
-        yield from (split_record(rec) for rec in chunk.split(b"\n>"))
 
 
 def parse_headers(headers: list[bytes]) -> tuple[pa.Array, pa.Array]:
