@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import textwrap
+
+from flows.errors import CliError
 
 EPILOG = textwrap.dedent("""\
     typical session:
@@ -17,10 +20,6 @@ EPILOG = textwrap.dedent("""\
 
     Every subcommand takes --store DIR (default: $PROTEOFLOW_STORE). See `proteoflow COMMAND --help`.
 """)
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
 
 
 def store_arg(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +32,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def run_id_arg(text: str) -> str:
+    """Run ids name files and directories: letters, digits, '.', '_' and '-' only."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+    return text
 
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +57,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         epilog="example:\n  proteoflow ingest ecoli.fasta.gz metagenome/ --store ./store --max-length 2000")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA file (.gz ok), directory of them, or '-'")
     store_arg(p)
-    p.add_argument("--run-id", metavar="ID", help="name for this run (default: derived from the input content)")
+    p.add_argument("--run-id", type=run_id_arg, metavar="ID",
+                   help="name for this run (default: derived from the input content and options)")
     p.add_argument("--min-length", type=positive_int, metavar="N", help="reject sequences shorter than N")
     p.add_argument("--max-length", type=positive_int, metavar="N", help="reject sequences longer than N")
     p.add_argument("--workers", type=int, metavar="N",

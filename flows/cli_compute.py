@@ -7,7 +7,8 @@ import json
 import sys
 import textwrap
 
-from flows.cli import CliError, positive_int, require_store, store_arg
+from flows.cli import positive_int, require_store, run_id_arg, store_arg
+from flows.errors import CliError
 
 COMMON_EPILOG = textwrap.dedent("""\
     Runs as a Prefect flow (Prefect's temporary local API unless PREFECT_API_URL is set) over a pool of Ray
@@ -47,7 +48,8 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
 def _input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA file (.gz ok), directory, or '-'")
     store_arg(p)
-    p.add_argument("--run-id", metavar="ID", help="name of this run (default: derived from inputs, model, options)")
+    p.add_argument("--run-id", type=run_id_arg, metavar="ID",
+                   help="name of this run (default: derived from inputs, model, options)")
     p.add_argument("--min-length", type=positive_int, metavar="N", help="reject sequences shorter than N")
     p.add_argument("--max-length", type=positive_int, metavar="N",
                    help="reject (as a `rejected` row with its reason) sequences longer than N")
@@ -189,10 +191,13 @@ def prepare_prefect_environment() -> None:
 def cmd_compute(args: argparse.Namespace) -> int:
     prepare_prefect_environment()
     from flows.pipeline import RunFailed, run_job
+    from flows.pool import WorkerStartError
 
     job = build_job(args)
     try:
         record = run_job(job)
+    except WorkerStartError as exc:
+        raise CliError(str(exc)) from None
     except RunFailed as exc:
         if exc.record is not None:
             print_run_summary(exc.record)

@@ -53,6 +53,15 @@ def isolate_failures(run: Callable[[Items], Iterator], items: Items) -> tuple[li
     return found + left + right, left_errors + right_errors
 
 
+def isolate_or_raise(run: Callable[[Items], Iterator], items: Items) -> tuple[list, list[tuple[str, str]]]:
+    """:func:`isolate_failures`, except that a shard in which every sequence failed raises: that is a broken
+    worker (a dead CUDA context, say), not poison, and the pool retries the shard on a fresh actor."""
+    found, errors = isolate_failures(run, items)
+    if not found and len(errors) > 1:
+        raise RuntimeError(f"every sequence of the shard failed, e.g. {errors[0][1]}")
+    return found, errors
+
+
 def _poisoned(items: Items) -> None:
     """Test hook: PROTEOFLOW_POISON lists seq_hash prefixes that make the engine fail, as a bad input would."""
     prefixes = [p for p in os.environ.get("PROTEOFLOW_POISON", "").split(",") if p]
@@ -88,7 +97,7 @@ class EmbedEngine:
 
     def run(self, items: Items, run_id: str) -> ShardOutput:
         started = time.perf_counter()
-        found, errors = isolate_failures(self._embed, items)
+        found, errors = isolate_or_raise(self._embed, items)
         ident = {"model": self.loaded.name, "model_sha": self.loaded.sha, "run_id": run_id,
                  "random_weights": self.loaded.random_weights}
         pooled: dict[str, list] = {name: [] for name in results.embeddings_schema(self.loaded.dim).names}
@@ -136,7 +145,7 @@ class FoldEngine:
 
     def run(self, items: Items, run_id: str) -> ShardOutput:
         started = time.perf_counter()
-        found, errors = isolate_failures(self._fold, items)
+        found, errors = isolate_or_raise(self._fold, items)
         columns: dict[str, list] = {name: [] for name in results.STRUCTURES_SCHEMA.names}
         for r in found:
             _append(columns, seq_hash=r.key, model=self.loaded.name, model_sha=self.loaded.sha, run_id=run_id,

@@ -100,9 +100,8 @@ def plan_shards(job: Job, ingest_run: str, identity: dict) -> tuple[RunRecord, P
         record = RunRecord(run_id=run_id, kind=job.kind, params=params,
                            versions=package_versions(("proteoflow", "torch", "transformers", "ray", "prefect",
                                                       "pyarrow", "duckdb")))
-    elif record.params.get("identity", {}).get("sha") not in (None, identity["sha"]):
-        raise RunFailed(f"run {run_id} was computed with other weights ({record.params['identity']['sha']}); "
-                        "choose another --run-id")
+    else:
+        _check_same_run(record, job, ingest_run, identity)
     attempt = int(record.counts.get("attempts", 0)) + 1
     record.status, record.finished_at, record.message = "running", None, ""
     record.counts["attempts"] = attempt
@@ -112,9 +111,7 @@ def plan_shards(job: Job, ingest_run: str, identity: dict) -> tuple[RunRecord, P
     if plan_file.exists():
         plan = load_plan(plan_file, cost)
     else:
-        done = results.computed_hashes(store, _main_table(job.kind), identity["model"], identity["sha"],
-                                       _required(job.kind, identity))
-        todo = pending_sequences(store, [ingest_run], done, pa.array([], pa.string()))
+        todo = pending_sequences(store, [ingest_run], _done_hashes(store, job, identity), pa.array([], pa.string()))
         plan = write_plan(store, run_id, todo, cost, job.pool.workers)
     return record, plan, _done_shards(store, run_id)
 
@@ -136,12 +133,21 @@ def compute_shards(job: Job, pool: ActorPool, record: RunRecord, plan: Plan, don
     attempt = record.counts["attempts"]
     members = _member_index(store, record.params["ingest_run"])
 
+    existing = {table: results.existing_keys(store, table, identity["model"], identity["sha"], key, plan.hashes())
+                for table, key in ROW_KEYS.items() if table in _tables(job)}
+
     def on_done(shard_id: int, output: ShardOutput, meta: dict) -> None:
         for table, rows in output.tables.items():
+            if existing.get(table):  # rows an earlier run already wrote (e.g. another pooling was added)
+                keys = pc.binary_join_element_wise(rows.column("seq_hash"), _row_key(rows, table), "/")
+                rows = rows.filter(pc.invert(pc.is_in(keys, value_set=pa.array(list(existing[table])))))
             path = results.shard_path(store, table, identity["model"], identity["sha"], record.run_id, shard_id)
             results.write_shard(path, rows, {"run_id": record.run_id, "shard_id": shard_id})
+        rejected_path = store.table_dir("rejected") / f"run_id={record.run_id}" / f"shard-{shard_id:05d}.parquet"
         if output.errors:
             _write_rejections(store, record.run_id, shard_id, output.errors, members)
+        else:
+            rejected_path.unlink(missing_ok=True)  # an earlier try of this shard may have left one
         n, residues, _ = plan.shards[shard_id]
         _write_shard_record(store, record.run_id, shard_id, "done", attempt, meta["attempts"], n, output.residues,
                             len(output.errors), output.fallbacks, output.seconds, f"slot-{meta['slot']}", "")
@@ -215,6 +221,7 @@ def finish(job: Job, record: RunRecord, computed: dict, ingested: dict, started:
 
 def _pipeline(job: Job) -> RunRecord:
     started = time.monotonic()
+    record = None
     with ray_session(job.ray_address, ship_code=job.ship_code) as cluster:
         job.pool = resolve_pool(job.pool, cluster)
         pool = start_workers(job)
@@ -225,6 +232,10 @@ def _pipeline(job: Job) -> RunRecord:
             record, plan, done = plan_shards(job, ingested["run_id"], identity)
             record.counts["placements"] = placements
             computed = compute_shards(job, pool, record, plan, done, identity)
+        except Exception as exc:
+            if record is not None and record.status == "running":
+                record.finish(Store(job.store), "failed", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
         finally:
             pool.shutdown()
     refresh(job)
@@ -276,10 +287,58 @@ def _main_table(kind: str) -> str:
     return "embeddings" if kind == "embed" else "structures"
 
 
-def _required(kind: str, identity: dict) -> list[tuple[int, str]] | None:
-    if kind != "embed":
-        return None
-    return [(layer, pooling) for layer in identity["layers"] for pooling in identity["poolings"]]
+# The expression that names one row of a result table for one sequence: what "already computed" is keyed on.
+ROW_KEYS = {"embeddings": "CAST(layer AS VARCHAR) || ':' || pooling", "residue_embeddings": "CAST(layer AS VARCHAR)",
+            "contacts": "'contacts'", "structures": "'structure'"}
+
+
+def _tables(job: Job) -> list[str]:
+    """The result tables a job writes."""
+    if job.kind == "fold":
+        return ["structures"]
+    options = job.engine_options
+    return ["embeddings"] + (["residue_embeddings"] if options.get("per_residue") else []) + (
+        ["contacts"] if options.get("contacts") else [])
+
+
+def _required_keys(table: str, identity: dict) -> list[str]:
+    if table == "embeddings":
+        return [f"{layer}:{pooling}" for layer in identity["layers"] for pooling in identity["poolings"]]
+    if table == "residue_embeddings":
+        return [str(layer) for layer in identity["layers"]]
+    return ["contacts" if table == "contacts" else "structure"]
+
+
+def _row_key(rows: pa.Table, table: str) -> pa.Array:
+    """The ROW_KEYS value of each row, computed with Arrow for a shard's output."""
+    if table == "embeddings":
+        return pc.binary_join_element_wise(pc.cast(rows.column("layer"), pa.string()), rows.column("pooling"), ":")
+    if table == "residue_embeddings":
+        return pc.cast(rows.column("layer"), pa.string())
+    return pa.array(["contacts" if table == "contacts" else "structure"] * rows.num_rows, pa.string())
+
+
+def _done_hashes(store: Store, job: Job, identity: dict) -> pa.Array:
+    """Sequences with every row this job would write already in the store, for this model's weights."""
+    done = None
+    for table in _tables(job):
+        hashes = results.computed_hashes(store, table, identity["model"], identity["sha"], ROW_KEYS[table],
+                                         _required_keys(table, identity))
+        done = hashes if done is None else done.filter(pc.is_in(done, value_set=hashes))
+    return done
+
+
+def _check_same_run(record: RunRecord, job: Job, ingest_run: str, identity: dict) -> None:
+    """Resuming is only for the same work: refuse a run id that holds other inputs, options or weights."""
+    def canonical(value: object) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    differences = [name for name, old, new in (
+        ("kind", record.kind, job.kind), ("inputs", record.params.get("ingest_run"), ingest_run),
+        ("options", canonical(record.params.get("engine_options")), canonical(job.engine_options)),
+        ("weights", record.params.get("identity", {}).get("sha"), identity["sha"])) if old != new]
+    if differences:
+        raise RunFailed(f"run {record.run_id} already holds other {', '.join(differences)}; choose another --run-id")
 
 
 def _run_id(job: Job, ingest_run: str, identity: dict) -> str:

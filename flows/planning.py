@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.catalog import fetch_arrow
+from storage.catalog import fetch_arrow, file_list
 from storage.layout import ParquetSink, Store
 
 PLAN_SCHEMA = pa.schema([("shard_id", pa.int32()), ("seq_hash", pa.string()), ("length", pa.int32()),
@@ -52,6 +52,10 @@ class Plan:
     def residues(self) -> int:
         return sum(r for _, r, _ in self.shards.values())
 
+    def hashes(self) -> pa.Array:
+        """Every planned ``seq_hash``."""
+        return pq.read_table(self.path, columns=["seq_hash"]).column(0).combine_chunks()
+
     def items(self, shard_id: int) -> list[tuple[str, str]]:
         """The ``(seq_hash, sequence)`` pairs of one shard (one row group of the plan file)."""
         table = pq.ParquetFile(self.path).read_row_group(shard_id, columns=["seq_hash", "sequence"])
@@ -81,16 +85,16 @@ def cut_shards(lengths: list[int], cost: Callable[[int], float], workers: int) -
 def pending_sequences(store: Store, run_ids: list[str], done: pa.Array, skip: pa.Array) -> pa.Table:
     """Distinct sequences of the given ingest runs, minus those already done or isolated as rejected."""
     con = duckdb.connect(":memory:")
-    members = [str(p) for run in run_ids for p in (store.table_dir("members") / f"run_id={run}").glob("*.parquet")]
+    members = [p for run in run_ids for p in (store.table_dir("members") / f"run_id={run}").glob("*.parquet")]
     if not members:
         return PLAN_SCHEMA.empty_table().drop_columns(["shard_id"])
     con.register("done_hashes", pa.table({"seq_hash": done}))
     con.register("skip_hashes", pa.table({"seq_hash": skip}))
-    sequences = [str(p) for p in store.files("sequences")]
+    sequences = store.files("sequences")
     return fetch_arrow(con, f"""
-        WITH wanted AS (SELECT DISTINCT seq_hash FROM read_parquet({members!r}))
+        WITH wanted AS (SELECT DISTINCT seq_hash FROM read_parquet({file_list(members)}))
         SELECT s.seq_hash, s.length, s.sequence
-        FROM read_parquet({sequences!r}) s SEMI JOIN wanted USING (seq_hash)
+        FROM read_parquet({file_list(sequences)}) s SEMI JOIN wanted USING (seq_hash)
         WHERE s.seq_hash NOT IN (SELECT seq_hash FROM done_hashes)
           AND s.seq_hash NOT IN (SELECT seq_hash FROM skip_hashes)
         ORDER BY s.length DESC, s.seq_hash

@@ -7,17 +7,22 @@ a shard that still fails is reported failed with its error and the run goes on w
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from flows.actors import ShardWorker
 
 FAULT_ENV = ("PROTEOFLOW_KILL_SHARD", "PROTEOFLOW_FAULT_DIR", "PROTEOFLOW_POISON")
+
+
+class WorkerStartError(Exception):
+    """The actors could not start or load the model; the message is one line, meant for the user."""
 
 
 @dataclass
@@ -63,13 +68,16 @@ class ActorPool:
         try:
             identities = ray.get([a.identity.remote() for a in self.actors], timeout=timeout)
         except GetTimeoutError:
-            raise RuntimeError(f"workers did not load the model within {timeout:.0f} s: are the requested "
+            raise WorkerStartError(f"workers did not load the model within {timeout:.0f} s: are the requested "
                                "CPUs/GPUs available in the Ray cluster?") from None
         except RayTaskError as exc:
-            raise RuntimeError(f"a worker failed to load the model: {exc.cause}") from None
+            raise WorkerStartError(f"a worker failed to load the model: {exc.cause}") from None
+        except RayActorError as exc:
+            cause = getattr(exc, "cause", None) or exc
+            raise WorkerStartError(f"a worker failed to load the model: {_first_line(cause)}") from None
         shas = {i["sha"] for i in identities}
         if len(shas) != 1:
-            raise RuntimeError(f"workers loaded different weights: {sorted(shas)}")
+            raise WorkerStartError(f"workers loaded different weights: {sorted(shas)}")
         return identities[0]
 
     def placements(self) -> list[dict]:
@@ -96,9 +104,9 @@ class ActorPool:
                 slot, shard, started = inflight.pop(ref)
                 try:
                     output = ray.get(ref)
-                except (RayActorError, RayTaskError) as exc:
+                except RayError as exc:  # task error, dead actor, killed worker, lost node
                     error = _describe(exc)
-                    if isinstance(exc, RayActorError):
+                    if not isinstance(exc, RayTaskError):
                         self._replace(slot)
                         report.replaced_actors += 1
                     idle.append(slot)
@@ -128,6 +136,15 @@ class ActorPool:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - best effort on teardown
                 pass
+
+
+def _first_line(exc: BaseException) -> str:
+    """The original exception's line from a Ray error whose text ends with the remote traceback."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception)\b.*:", line):
+            return line[:500]
+    return lines[0][:500] if lines else type(exc).__name__
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ reads Parquet can query a store. ``embedding`` columns are cast to ``FLOAT[D]`` 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import duckdb
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 
 from storage.layout import Store, write_bytes_atomic
 
-READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "PRAGMA", "RELATION"}
+READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "RELATION"}
 VECTOR_TABLES = ("embeddings", "residue_embeddings")
 HIVE_TABLES = ("members", "rejected", "shards")
 
@@ -59,7 +60,8 @@ def _quote(path: Path | str) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def _file_list(files: list[Path]) -> str:
+def file_list(files: list[Path]) -> str:
+    """A DuckDB list literal of file paths, quoted."""
     return "[" + ", ".join(_quote(f) for f in files) + "]"
 
 
@@ -83,7 +85,7 @@ def _vector_views(name: str, files: list[Path], per_residue: bool) -> list[str]:
     statements = []
     for dim, group in sorted(by_dim.items()):
         cast = f"embedding::FLOAT[{dim}]{suffix}" if dim > 0 else f"embedding::FLOAT[]{suffix}"
-        select = f"SELECT * REPLACE ({cast} AS embedding) FROM read_parquet({_file_list(group)}, union_by_name=true)"
+        select = f"SELECT * REPLACE ({cast} AS embedding) FROM read_parquet({file_list(group)}, union_by_name=true)"
         statements.append(f"CREATE OR REPLACE VIEW {name}_d{dim} AS {select}")
         if len(by_dim) == 1:
             statements.append(f"CREATE OR REPLACE VIEW {name} AS {select}")
@@ -111,7 +113,7 @@ def view_statements(root: str | Path) -> list[str]:
             options = ", hive_partitioning=true, hive_types={'run_id': VARCHAR}" if hive else ""
             columns = "run_id, * EXCLUDE (run_id)" if hive else "*"
             statements.append(f"CREATE OR REPLACE VIEW {table} AS SELECT {columns} FROM "
-                              f"read_parquet({_file_list(files)}, union_by_name=true{options})")
+                              f"read_parquet({file_list(files)}, union_by_name=true{options})")
     return statements
 
 
@@ -145,6 +147,8 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise ReadOnlyError("no SQL statement given")
     for statement in statements:
         kind = statement.type.name
+        if kind == "EXPLAIN" and re.match(r"\s*explain\s+analy[sz]e\b", statement.query, re.IGNORECASE):
+            kind = "EXPLAIN ANALYZE"  # runs the explained statement, which may write
         if kind not in READ_ONLY_STATEMENTS:
             raise ReadOnlyError(
                 f"proteoflow sql is read-only: a {kind} statement is refused "

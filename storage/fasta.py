@@ -112,7 +112,7 @@ def _read_blocks(stream: BinaryIO, name: str) -> Iterator[bytes]:
 
 def _check_start(data: bytes, name: str) -> bytes:
     """Strip leading blank lines and refuse inputs whose first non-blank character is not '>'."""
-    stripped = data.lstrip()
+    stripped = data.removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte-order mark is not content
     if not stripped or stripped.startswith(b">"):
         return stripped
     first_line = stripped.split(b"\n", 1)[0][:60].decode("utf-8", "replace").rstrip()

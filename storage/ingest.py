@@ -165,15 +165,29 @@ def ingest(store: Store, inputs: list[str], run_id: str | None = None, min_lengt
     again is recognised and changes nothing.
     """
     sources, skipped = resolve_sources(inputs)
-    created = not store.exists()
+    existed, was_store = store.root.exists(), store.exists()
     try:
         if workers is None:
             workers = default_workers(sources)
         return _ingest(store, sources, skipped, run_id, min_length, max_length, progress, workers)
     except BaseException:
-        if created:  # a failed first ingest leaves no store behind: nothing written
-            shutil.rmtree(store.root, ignore_errors=True)
+        if not was_store:  # a failed first ingest leaves no store behind: nothing written
+            _remove_new_store(store, existed)
         raise
+
+
+def _remove_new_store(store: Store, existed: bool) -> None:
+    """Undo ``Store.ensure`` after a failed first ingest, never touching what was in the directory before."""
+    if not existed:
+        shutil.rmtree(store.root, ignore_errors=True)
+        return
+    shutil.rmtree(store.root / ".staging", ignore_errors=True)
+    (store.root / "proteoflow.json").unlink(missing_ok=True)
+    for table in Store.TABLES:
+        try:
+            store.table_dir(table).rmdir()  # only if empty
+        except OSError:
+            pass
 
 
 def _ingest(store: Store, sources: list[Source], skipped: list[str], run_id: str | None, min_length: int | None,
@@ -278,16 +292,24 @@ def _stream_records(scratch: Path, sources: list[Source], min_length: int | None
         bytes_read += len(block)
 
     token = uuid.uuid4().hex
+    # Options that change what is accepted are part of the content digest (and so of the default run id).
+    state.digest.update(f"min_length={min_length};max_length={max_length}".encode())
+    origin: deque[int] = deque()  # source index of each chunk handed out, consumed in the same order
 
     def tasks() -> Iterator[tuple]:
-        for source in sources:
-            state.digest.update(b"\x00source\x00")
+        for index, source in enumerate(sources):
             for chunk in iter_record_chunks(source, on_bytes):
+                origin.append(index)
                 yield chunk, source.name, min_length, max_length, token
 
     sniffers = {s.name: _NucleotideSniffer(s) for s in sources}
+    current = -1
     try:
         for block in _ordered_map(process_chunk, tasks(), workers):
+            index = origin.popleft()
+            if index != current:  # digest = sources in order, each its chunks' digests in order
+                state.digest.update(f"\x00source {index}\x00".encode())
+                current = index
             state.digest.update(block.digest)
             accepted, rejected = _offset(block.accepted, records), _offset(block.rejected, records)
             records += block.records

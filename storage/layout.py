@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +42,7 @@ class Store:
 
     def staging_dir(self, name: str) -> Path:
         """A private scratch directory inside the store (same filesystem, so renames are atomic)."""
-        path = self.root / ".staging" / f"{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path = self.root / ".staging" / f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True, exist_ok=False)
         return path
 
@@ -66,21 +68,24 @@ class Store:
         return sorted(p for p in base.rglob("*.parquet") if not p.name.startswith("."))
 
     def sweep_staging(self, max_age_s: float = 24 * 3600) -> None:
-        """Remove staging directories of writers that died (older than ``max_age_s``, or of dead pids)."""
+        """Remove staging directories of writers that died: dead pids on this host, or older than ``max_age_s``."""
         staging = self.root / ".staging"
         if not staging.exists():
             return
+        host = socket.gethostname()
         for entry in staging.iterdir():
-            pid = _pid_of(entry.name)
-            if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            owner, pid = _owner_of(entry.name)
+            dead_here = owner == host and pid is not None and pid != os.getpid() and not _pid_alive(pid)
+            if dead_here or time.time() - entry.stat().st_mtime > max_age_s:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def _pid_of(name: str) -> int | None:
-    parts = name.rsplit("-", 2)
-    if len(parts) == 3 and parts[1].isdigit():
-        return int(parts[1])
-    return None
+def _owner_of(name: str) -> tuple[str | None, int | None]:
+    """(host, pid) of a staging directory named ``<name>-<host>-<pid>-<random>``."""
+    parts = name.rsplit("-", 3)
+    if len(parts) == 4 and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return None, None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -229,3 +229,33 @@ def test_parquet_files_carry_schema_provenance_and_zstd(tmp_path: Path) -> None:
     hashes = pq.read_table(seq_file, columns=["seq_hash"]).column(0).to_pylist()
     assert hashes == sorted(hashes)  # sorted by hash: row-group statistics prune lookups
     assert not list(store.rglob(".*.tmp")) and not (store / ".staging").exists()
+
+
+def test_failed_first_ingest_into_a_user_directory_keeps_its_files(tmp_path: Path) -> None:
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    dna = folder / "genes.fasta"
+    dna.write_text(">g\nATGAAAGTACTGGCAGCAGGTATTGTTGCACTGTAA\n")
+    result = run_cli("ingest", str(dna), "--store", str(folder))
+    assert result.returncode == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["genes.fasta", "notes.txt"]
+
+
+def test_options_and_worker_count_shape_the_run_id_correctly(tmp_path: Path) -> None:
+    a = write_slice(ECOLI, tmp_path / "a.fasta", count=30)
+    b = write_slice(MAG, tmp_path / "b.faa", count=30)
+    plain = ingest(Store(tmp_path / "s1"), [str(a), str(b)], workers=0)
+    parallel = ingest(Store(tmp_path / "s2"), [str(a), str(b)], workers=2)
+    assert plain.run_id == parallel.run_id  # same content, same id, however it was parsed
+    assert ingest(Store(tmp_path / "s1"), [str(a), str(b)], workers=2).already_ingested
+    stricter = ingest(Store(tmp_path / "s1"), [str(a), str(b)], min_length=200)
+    assert not stricter.already_ingested and stricter.run_id != plain.run_id
+    assert stricter.counts["rejected_by_rule"].get("too_short", 0) > 0
+
+
+def test_byte_order_mark_is_not_content(tmp_path: Path) -> None:
+    path = tmp_path / "bom.fasta"
+    path.write_bytes(b"\xef\xbb\xbf>p1 with bom\nMKVL\n")
+    result = ingest(Store(tmp_path / "s"), [str(path)])
+    assert result.counts["accepted"] == 1

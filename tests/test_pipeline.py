@@ -181,3 +181,30 @@ def test_cli_joins_an_existing_cluster_with_ray_address(ray_cluster, tiny_esm2, 
     [(run_id, counts)] = query(store, "SELECT run_id, counts FROM runs WHERE kind = 'embed'")[1]
     assert len({p["node_id"] for p in json.loads(counts)["placements"]}) == 2
     assert_same(stored(store, run_id), reference(tiny_esm2, sequences_of(inputs)))
+
+
+def test_adding_a_pooling_or_per_residue_computes_only_what_is_missing(prefect_harness, ray_cluster, tiny_esm2,
+                                                                       inputs, tmp_path):
+    store = tmp_path / "store"
+    first = job(store, inputs[:1], tiny_esm2)
+    first.engine_options = {"layers": [-1], "poolings": ["mean"], "precision": "fp32"}
+    assert embed_flow(first).status == "completed"
+    second = job(store, inputs[:1], tiny_esm2)
+    second.engine_options = {"layers": [-1], "poolings": ["mean", "bos"], "precision": "fp32", "per_residue": True}
+    record = embed_flow(second)
+    n = len(sequences_of(inputs[:1]))
+    assert record.counts["sequences"] == n  # bos and per-residue rows were missing for every sequence
+    rows, distinct = query(store, "SELECT count(*), count(DISTINCT (seq_hash, layer, pooling)) FROM embeddings")[1][0]
+    assert rows == distinct == 2 * n  # the mean rows were not written twice
+    assert query(store, "SELECT count(*) FROM residue_embeddings")[1] == [(n,)]
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "embed", str(EXAMPLE), "--store", str(tmp_path / "s"),
+                             "--model", str(tmp_path / "no_such_model"), "--no-progress"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "proteoflow embed: error: a worker failed to load the model: " in result.stderr
+    assert "ModelNotFoundError: model" in result.stderr  # the cause, not Ray's wrapper
+    [(status,)] = query(tmp_path / "s", "SELECT count(*) FROM runs WHERE kind = 'embed'")[1]
+    assert status == 0  # nothing started: the model never loaded

@@ -52,6 +52,8 @@ def test_contract_views_exist_even_when_empty(store: Path) -> None:
 @pytest.mark.parametrize("statement", [
     "CREATE TABLE t AS SELECT 1", "INSERT INTO members SELECT * FROM members", "DROP VIEW sequences",
     "COPY (SELECT 1) TO 'x.csv'", "ATTACH 'x.duckdb'", "SELECT 1; DELETE FROM members",
+    "EXPLAIN ANALYZE COPY (SELECT 42) TO 'x.csv'", "explain  analyse CREATE TABLE t AS SELECT 1",
+    "PRAGMA import_database('somewhere')",
 ])
 def test_writes_are_refused(store: Path, statement: str) -> None:
     result = run_cli("sql", "--store", str(store), statement)

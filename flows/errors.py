@@ -1,0 +1,5 @@
+"""Exceptions the CLI turns into one-line messages."""
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
