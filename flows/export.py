@@ -46,9 +46,11 @@ def export_structures(store: str | Path, out: str | Path, fmt: str = "pdb", min_
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     for seq_id, member_run, index, text in rows:
-        stem = safe_file_stem(seq_id, f"record_{index}")
-        if stem in used:
-            stem = f"{stem}-{member_run}-{index}"
+        base = safe_file_stem(seq_id, f"record_{index}")
+        stem, n = base, 1
+        while stem in used:  # same id from another run or model, or two ids that clean alike
+            stem = f"{base}-{member_run}-{index}" + (f"-{n}" if n > 1 else "")
+            n += 1
         used.add(stem)
         write_bytes_atomic(out / f"{stem}.{fmt}", text.encode())
     return len(rows)

@@ -36,15 +36,9 @@ from storage.catalog import refresh_catalog
 from storage.ingest import ingest
 from storage.layout import Store, write_table_atomic
 from storage.records import REJECTED_SCHEMA
-from storage.runs import RunRecord, load_run, package_versions, utcnow
+from storage.runs import SHARD_SCHEMA, RunRecord, load_run, package_versions, utcnow
 
 COSTS = {"embed": embedding_cost, "fold": folding_cost}
-SHARD_SCHEMA = pa.schema([
-    ("shard_id", pa.int32()), ("status", pa.string()), ("attempt", pa.int32()), ("tries", pa.int32()),
-    ("sequences", pa.int32()), ("residues", pa.int64()), ("errors", pa.int32()), ("fallbacks", pa.int32()),
-    ("seconds", pa.float64()), ("worker", pa.string()), ("finished_at", pa.timestamp("us", tz="UTC")),
-    ("error", pa.string()),
-])
 
 
 @dataclass

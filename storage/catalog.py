@@ -20,29 +20,41 @@ READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "RELATION"}
 VECTOR_TABLES = ("embeddings", "residue_embeddings")
 HIVE_TABLES = ("members", "rejected", "shards")
 
-# Column lists used when a table has no files yet, so queries against an empty store still bind.
-EMPTY_VIEWS = {
-    "sequences": "NULL::VARCHAR AS seq_hash, NULL::VARCHAR AS sequence, NULL::INTEGER AS length",
-    "members": "NULL::VARCHAR AS run_id, NULL::BIGINT AS record_index, NULL::VARCHAR AS seq_id, "
-               "NULL::VARCHAR AS description, NULL::VARCHAR AS seq_hash, NULL::INTEGER AS length, "
-               "NULL::VARCHAR AS source",
-    "rejected": "NULL::VARCHAR AS run_id, NULL::BIGINT AS record_index, NULL::VARCHAR AS seq_id, "
-                "NULL::VARCHAR AS description, NULL::VARCHAR AS source, NULL::VARCHAR AS rule, "
-                "NULL::VARCHAR AS reason, NULL::INTEGER AS length",
-    "runs": "NULL::VARCHAR AS run_id, NULL::VARCHAR AS kind, NULL::VARCHAR AS status, "
-            "NULL::TIMESTAMPTZ AS started_at, NULL::TIMESTAMPTZ AS finished_at, NULL::VARCHAR AS params, "
-            "NULL::VARCHAR AS counts, NULL::VARCHAR AS versions, NULL::VARCHAR AS message",
-    "embeddings": "NULL::VARCHAR AS seq_hash, NULL::VARCHAR AS model, NULL::VARCHAR AS model_sha, "
-                  "NULL::INTEGER AS layer, NULL::VARCHAR AS pooling, NULL::FLOAT[] AS embedding",
-    "structures": "NULL::VARCHAR AS seq_hash, NULL::VARCHAR AS model, NULL::VARCHAR AS pdb, "
-                  "NULL::FLOAT AS mean_plddt, NULL::FLOAT AS ptm",
-    "residue_embeddings": "NULL::VARCHAR AS seq_hash, NULL::VARCHAR AS model, NULL::VARCHAR AS model_sha, "
-                          "NULL::SMALLINT AS layer, NULL::FLOAT[][] AS embedding",
-    "contacts": "NULL::VARCHAR AS seq_hash, NULL::VARCHAR AS model, NULL::VARCHAR AS model_sha, "
-                "NULL::INTEGER AS length, NULL::FLOAT[] AS contacts",
-    "shards": "NULL::VARCHAR AS run_id, NULL::INTEGER AS shard_id, NULL::VARCHAR AS status, NULL::INTEGER AS attempt, "
-              "NULL::INTEGER AS tries, NULL::VARCHAR AS error",
-}
+def _duckdb_type(kind: pa.DataType) -> str:
+    """The DuckDB type a view exposes for an Arrow column type (vectors as FLOAT[] / FLOAT[][])."""
+    if pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _duckdb_type(kind.value_type) + "[]"
+    if pa.types.is_floating(kind):
+        return "FLOAT" if kind.bit_width <= 32 else "DOUBLE"
+    if pa.types.is_timestamp(kind):
+        return "TIMESTAMPTZ"
+    return {pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
+            pa.bool_(): "BOOLEAN"}[kind]
+
+
+def _empty_views() -> dict[str, str]:
+    """Typed, empty column lists for tables with no files yet, so queries on a new store still bind."""
+    from storage.ingest import SEQUENCE_SCHEMA
+    from storage.records import MEMBER_SCHEMA, REJECTED_SCHEMA
+    from storage.results import (
+        CONTACTS_SCHEMA,
+        STRUCTURES_SCHEMA,
+        embeddings_schema,
+        residue_embeddings_schema,
+    )
+    from storage.runs import RUN_SCHEMA, SHARD_SCHEMA
+
+    schemas = {"sequences": SEQUENCE_SCHEMA, "members": MEMBER_SCHEMA, "rejected": REJECTED_SCHEMA,
+               "runs": RUN_SCHEMA, "shards": SHARD_SCHEMA, "embeddings": embeddings_schema(1),
+               "residue_embeddings": residue_embeddings_schema(1), "contacts": CONTACTS_SCHEMA,
+               "structures": STRUCTURES_SCHEMA}
+    views = {}
+    for table, schema in schemas.items():
+        columns = [f"NULL::{_duckdb_type(f.type)} AS {f.name}" for f in schema]
+        if table in HIVE_TABLES:
+            columns.insert(0, "NULL::VARCHAR AS run_id")
+        views[table] = ", ".join(columns)
+    return views
 
 
 def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
@@ -101,13 +113,14 @@ def view_statements(root: str | Path) -> list[str]:
     """The DDL that defines every view over the store's current files (empty, typed views for absent tables)."""
     store = Store(root)
     statements = []
+    empty: dict[str, str] = {}
     for table in Store.TABLES:
         files = store.files(table)
         if table in VECTOR_TABLES and files:
             statements += _vector_views(table, files, per_residue=table == "residue_embeddings")
         elif not files:
-            if table in EMPTY_VIEWS:
-                statements.append(f"CREATE OR REPLACE VIEW {table} AS SELECT {EMPTY_VIEWS[table]} WHERE false")
+            empty = empty or _empty_views()
+            statements.append(f"CREATE OR REPLACE VIEW {table} AS SELECT {empty[table]} WHERE false")
         else:
             hive = table in HIVE_TABLES
             options = ", hive_partitioning=true, hive_types={'run_id': VARCHAR}" if hive else ""

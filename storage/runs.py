@@ -31,6 +31,14 @@ RUN_SCHEMA = pa.schema([
     ("message", pa.string()),
 ])
 
+# One record per computed (or failed) shard of a compute run, in shards/run_id=<run>/shard-N.parquet.
+SHARD_SCHEMA = pa.schema([
+    ("shard_id", pa.int32()), ("status", pa.string()), ("attempt", pa.int32()), ("tries", pa.int32()),
+    ("sequences", pa.int32()), ("residues", pa.int64()), ("errors", pa.int32()), ("fallbacks", pa.int32()),
+    ("seconds", pa.float64()), ("worker", pa.string()), ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("error", pa.string()),
+])
+
 STATUSES = ("running", "completed", "partial", "failed", "interrupted")
 
 
