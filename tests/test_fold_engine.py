@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from Bio.PDB import MMCIFParser, PDBParser
+from conftest import ECOLI as DATA  # honours PROTEOFLOW_SHARED_DATA like every test
 from transformers import EsmConfig, EsmForProteinFolding
 from transformers.models.esm.openfold_utils import atom14_to_atom37, residue_constants
 
@@ -21,7 +22,6 @@ from esm_core.folding import Folder, FoldOutOfMemoryError, ModelNotFoundError, l
 from esm_core.random_esmfold import random_esmfold_config, write_random_esmfold_checkpoint
 from esm_core.weights import weights_checksum
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ecoli_k12_UP000000625.fasta.gz"
 STANDARD = set(residue_constants.restypes)
 COORD_TOL = 1e-3 + 1e-4  # 1e-3 Angstrom, plus one unit in the last written decimal where values straddle it
 
