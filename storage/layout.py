@@ -169,9 +169,6 @@ class ParquetSink:
         if self._pending_rows >= self.row_group_rows:
             self.flush()
 
-    def write_columns(self, columns: dict[str, list]) -> None:
-        self.write(pa.RecordBatch.from_pydict(columns, schema=self.schema))
-
     def flush(self) -> None:
         """Write what is queued as row group(s) now (or hand it to the background thread)."""
         if self._pending:
@@ -188,15 +185,12 @@ class ParquetSink:
             self._inflight.result()
             self._inflight = None
 
-    def close(self, update_metadata: dict | None = None) -> Path:
+    def close(self) -> Path:
         """Finish the file; it stays under its temporary name until :meth:`commit`."""
         self.flush()
         self._wait()
         if self._thread is not None:
             self._thread.shutdown()
-        if update_metadata:
-            for key, value in update_metadata.items():
-                self._writer.add_key_value_metadata({key: json.dumps(value, default=str)})
         self._writer.close()
         return self.temp
 
