@@ -128,7 +128,7 @@ def print_ingest_summary(result, out=sys.stderr) -> None:
 
     c = result.counts
     if result.already_ingested:
-        out.write(f"already ingested as run {result.run_id}: nothing changed\n")
+        out.write(f"already ingested as run {result.run_id}: nothing changed; that run's counts were:\n")
     lines = [
         f"run           {result.run_id}",
         f"records       {c.get('records', 0):,} ({human_bytes(c.get('bytes', 0))})",
