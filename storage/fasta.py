@@ -121,39 +121,102 @@ def _check_start(data: bytes, name: str) -> bytes:
     raise InputError(f"{name}: not FASTA: text before the first '>' (line starts {first_line!r})")
 
 
-def iter_record_chunks(source: Source, on_bytes: Callable[[bytes], None] | None = None) -> Iterator[bytes]:
-    """Yield chunks of whole records, one per block: ``rec1\\n>rec2...`` without the first '>'.
+CHUNK_TARGET = BLOCK_SIZE  # a chunk ends at the first record boundary at least this far from its start
 
-    ``on_bytes(block)`` is called with each decompressed block (for progress and content digests).
-    Working a block's records at a time keeps the per-record Python cost to a few C calls.
+
+def iter_record_chunks(source: Source, on_bytes: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """Yield chunks of whole records: ``rec1\\n>rec2...`` without the first '>'.
+
+    A chunk ends at the first record boundary (``\\n>``) at least CHUNK_TARGET bytes from its start, so the
+    same content always gives the same chunks however it arrives (plain, gzip, stdin; see
+    :func:`plan_file_chunks`). ``on_bytes(n)`` reports progress in decompressed bytes.
     """
     name = "<stdin>" if source.is_stdin else source.name
     stream, raw = _open_binary(source)
     try:
-        pending = b""
+        buf = b""
         started = False
         for block in _read_blocks(stream, name):
             if on_bytes is not None:
-                on_bytes(block)
-            data = pending + block if pending else block
+                on_bytes(len(block))
+            buf = buf + block if buf else block
             if not started:
-                data = _check_start(data, name)
-                if not data:
+                buf = _check_start(buf, name)
+                if not buf:
                     continue
-                started = True
-            cut = data.rfind(b"\n>")
-            if cut < 0:
-                pending = data
-                continue
-            chunk, pending = data[:cut], data[cut + 1 :]
-            yield chunk[1:]
-        if pending:
-            yield pending[1:]
+                buf, started = buf[1:], True
+            while len(buf) > CHUNK_TARGET:
+                cut = buf.find(b"\n>", CHUNK_TARGET)
+                if cut < 0:
+                    break
+                yield buf[:cut]
+                buf = buf[cut + 2 :]
+        if started:
+            yield buf
     finally:
         if stream is not raw:
             stream.close()
         if not source.is_stdin:
             raw.close()
+
+
+def is_plain_file(source: Source) -> bool:
+    """A regular, uncompressed file: its chunks can be read by offset, in parallel, by other processes."""
+    if source.is_stdin or not os.path.isfile(source.name):
+        return False
+    with open(source.name, "rb") as fh:
+        return fh.read(2) != GZIP_MAGIC
+
+
+def plan_file_chunks(source: Source, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` of the chunks :func:`iter_record_chunks` would yield for a plain file, found by
+    seeking to each chunk's target end and reading only until the next record boundary."""
+    size = os.path.getsize(source.name)
+    with open(source.name, "rb") as fh:
+        head = b""
+        while True:  # the first non-blank byte must open a record
+            more = fh.read(1 << 16)
+            head += more
+            if b"\x00" in head:
+                raise InputError(f"{source.name}: binary data (NUL bytes), not FASTA text")
+            stripped = _check_start(head, source.name)
+            if stripped or not more:
+                break
+        if not stripped:
+            return
+        start = len(head) - len(stripped) + 1
+        while True:
+            cut = _find_boundary(fh, start + CHUNK_TARGET, size)
+            end = size if cut < 0 else cut
+            if on_bytes is not None:
+                on_bytes(end - start + 2)
+            yield start, end - start
+            if cut < 0:
+                return
+            start = cut + 2
+
+
+def _find_boundary(fh: BinaryIO, at: int, size: int, window: int = 1 << 16) -> int:
+    """Absolute position of the first ``\\n>`` at or after ``at``, or -1."""
+    position = at
+    while position < size:
+        fh.seek(position)
+        data = fh.read(window + 1)  # one byte of overlap: a boundary may straddle two windows
+        found = data.find(b"\n>")
+        if found >= 0:
+            return position + found
+        position += window
+    return -1
+
+
+def read_chunk(path: str, offset: int, length: int) -> bytes:
+    """Read one planned chunk of a plain file (in a parse worker), refusing binary data."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        chunk = fh.read(length)
+    if b"\x00" in chunk:
+        raise InputError(f"{path}: binary data (NUL bytes), not FASTA text")
+    return chunk
 
 
 def parse_headers(headers: list[bytes]) -> tuple[pa.Array, pa.Array]:

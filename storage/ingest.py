@@ -29,10 +29,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.fasta import InputError, Source, iter_record_chunks, resolve_sources
+from storage.fasta import (
+    InputError,
+    Source,
+    is_plain_file,
+    iter_record_chunks,
+    plan_file_chunks,
+    resolve_sources,
+)
 from storage.layout import ParquetSink, Store, staging
 from storage.normalize import NUCLEOTIDE_LETTERS
-from storage.records import MEMBER_SCHEMA, REJECTED_SCHEMA, process_chunk
+from storage.records import MEMBER_SCHEMA, REJECTED_SCHEMA, process_chunk, process_file_chunk
 from storage.runs import RunRecord, load_run
 
 SEQUENCE_SCHEMA = pa.schema([("seq_hash", pa.string()), ("sequence", pa.string()), ("length", pa.int32())])
@@ -239,11 +246,11 @@ def _tune_worker_allocator() -> None:
         pass
 
 
-def _ordered_map(fn: Callable, tasks: Iterator[tuple], workers: int) -> Iterator:
-    """``fn(*task)`` for each task, in order; in ``workers`` processes with a bounded window, or inline."""
+def _ordered_map(tasks: Iterator[tuple[Callable, tuple]], workers: int) -> Iterator:
+    """``fn(*args)`` for each task, in order; in ``workers`` processes with a bounded window, or inline."""
     if workers <= 1:
-        for task in tasks:
-            yield fn(*task)
+        for fn, args in tasks:
+            yield fn(*args)
         return
     # fork is cheapest (no re-imports) but only safe while this process has no other threads; else spawn.
     method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -251,8 +258,8 @@ def _ordered_map(fn: Callable, tasks: Iterator[tuple], workers: int) -> Iterator
                                initializer=_tune_worker_allocator)
     try:
         pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.submit(fn, *task))
+        for fn, args in tasks:
+            pending.append(pool.submit(fn, *args))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -287,25 +294,31 @@ def _stream_records(scratch: Path, sources: list[Source], min_length: int | None
     bytes_read = records = 0
     last_report = time.monotonic()
 
-    def on_bytes(block: bytes) -> None:
+    def on_bytes(count: int) -> None:
         nonlocal bytes_read
-        bytes_read += len(block)
+        bytes_read += count
 
     token = uuid.uuid4().hex
     # Options that change what is accepted are part of the content digest (and so of the default run id).
     state.digest.update(f"min_length={min_length};max_length={max_length}".encode())
     origin: deque[int] = deque()  # source index of each chunk handed out, consumed in the same order
 
-    def tasks() -> Iterator[tuple]:
+    def tasks() -> Iterator[tuple[Callable, tuple]]:
         for index, source in enumerate(sources):
+            options = (source.name, min_length, max_length, token)
+            if workers > 1 and is_plain_file(source):  # workers read their chunks themselves
+                for offset, length in plan_file_chunks(source, on_bytes):
+                    origin.append(index)
+                    yield process_file_chunk, (source.name, offset, length, *options)
+                continue
             for chunk in iter_record_chunks(source, on_bytes):
                 origin.append(index)
-                yield chunk, source.name, min_length, max_length, token
+                yield process_chunk, (chunk, *options)
 
     sniffers = {s.name: _NucleotideSniffer(s) for s in sources}
     current = -1
     try:
-        for block in _ordered_map(process_chunk, tasks(), workers):
+        for block in _ordered_map(tasks(), workers):
             index = origin.popleft()
             if index != current:  # digest = sources in order, each its chunks' digests in order
                 state.digest.update(f"\x00source {index}\x00".encode())

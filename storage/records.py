@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.fasta import parse_headers
+from storage.fasta import parse_headers, read_chunk
 from storage.normalize import find_rejections, normalize_many
 
 MEMBER_SCHEMA = pa.schema([
@@ -94,3 +94,9 @@ def process_chunk(chunk: bytes, source: str, min_length: int | None = None, max_
         "sequence": sequences}, schema=ACCEPTED_SCHEMA)
     return Block(source, hashlib.sha1(chunk).digest(), count, accepted, rejected,
                  pc.sum(accepted.column("length")).as_py() or 0)
+
+
+def process_file_chunk(path: str, offset: int, length: int, source: str, min_length: int | None = None,
+                       max_length: int | None = None, token: str = "") -> Block:
+    """:func:`process_chunk` on a chunk the worker reads itself from a plain file (no bytes shipped to it)."""
+    return process_chunk(read_chunk(path, offset, length), source, min_length, max_length, token)

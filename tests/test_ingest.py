@@ -248,6 +248,12 @@ def test_options_and_worker_count_shape_the_run_id_correctly(tmp_path: Path) -> 
     plain = ingest(Store(tmp_path / "s1"), [str(a), str(b)], workers=0)
     parallel = ingest(Store(tmp_path / "s2"), [str(a), str(b)], workers=2)
     assert plain.run_id == parallel.run_id  # same content, same id, however it was parsed
+    zipped = [tmp_path / "a.fasta.gz", tmp_path / "b.faa.gz"]
+    for src, dest in zip((a, b), zipped, strict=True):
+        dest.write_bytes(gzip.compress(src.read_bytes()))
+    assert ingest(Store(tmp_path / "s3"), [str(z) for z in zipped], workers=2).run_id == plain.run_id
+    assert (sql(tmp_path / "s1", "SELECT record_index, seq_id, seq_hash FROM members ORDER BY 1")
+            == sql(tmp_path / "s2", "SELECT record_index, seq_id, seq_hash FROM members ORDER BY 1"))
     assert ingest(Store(tmp_path / "s1"), [str(a), str(b)], workers=2).already_ingested
     stricter = ingest(Store(tmp_path / "s1"), [str(a), str(b)], min_length=200)
     assert not stricter.already_ingested and stricter.run_id != plain.run_id
