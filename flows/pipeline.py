@@ -137,11 +137,10 @@ def compute_shards(job: Job, pool: ActorPool, record: RunRecord, plan: Plan, don
                 rows = rows.filter(pc.invert(pc.is_in(keys, value_set=pa.array(list(existing[table])))))
             path = results.shard_path(store, table, identity["model"], identity["sha"], record.run_id, shard_id)
             results.write_shard(path, rows, {"run_id": record.run_id, "shard_id": shard_id})
-        rejected_path = store.table_dir("rejected") / f"run_id={record.run_id}" / f"shard-{shard_id:05d}.parquet"
         if output.errors:
             _write_rejections(store, record.run_id, shard_id, output.errors, members)
         else:
-            rejected_path.unlink(missing_ok=True)  # an earlier try of this shard may have left one
+            _rejections_path(store, record.run_id, shard_id).unlink(missing_ok=True)  # left by an earlier try
         n, residues, _ = plan.shards[shard_id]
         _write_shard_record(store, record.run_id, shard_id, "done", attempt, meta["attempts"], n, output.residues,
                             len(output.errors), output.fallbacks, output.seconds, f"slot-{meta['slot']}", "")
@@ -343,7 +342,12 @@ def _run_id(job: Job, ingest_run: str, identity: dict) -> str:
 
 
 def _shard_dir(store: Store, run_id: str):
-    return store.table_dir("shards") / f"run_id={run_id}"
+    return store.run_dir("shards", run_id)
+
+
+def _rejections_path(store: Store, run_id: str, shard_id: int):
+    """Where a shard's isolated sequences are recorded as rejected rows of the compute run."""
+    return store.run_dir("rejected", run_id) / f"shard-{shard_id:05d}.parquet"
 
 
 def _done_shards(store: Store, run_id: str) -> set[int]:
@@ -368,7 +372,7 @@ def _write_shard_record(store: Store, run_id: str, shard_id: int, status: str, a
 
 
 def _member_index(store: Store, ingest_run: str) -> pa.Table:
-    files = list((store.table_dir("members") / f"run_id={ingest_run}").glob("*.parquet"))
+    files = list(store.run_dir("members", ingest_run).glob("*.parquet"))
     if not files:
         return pa.table({"record_index": pa.array([], pa.int64()), "seq_id": pa.array([], pa.string()),
                          "description": pa.array([], pa.string()), "source": pa.array([], pa.string()),
@@ -388,5 +392,5 @@ def _write_rejections(store: Store, run_id: str, shard_id: int, errors: list[tup
         "rule": pa.array(["compute_error"] * rows.num_rows),
         "reason": pa.array([reasons[h] for h in rows.column("seq_hash").to_pylist()]),
         "length": rows.column("length")}, schema=REJECTED_SCHEMA)
-    write_table_atomic(store.table_dir("rejected") / f"run_id={run_id}" / f"shard-{shard_id:05d}.parquet", table,
-                       "rejected", {"run_id": run_id, "shard_id": shard_id})
+    write_table_atomic(_rejections_path(store, run_id, shard_id), table, "rejected",
+                       {"run_id": run_id, "shard_id": shard_id})

@@ -85,7 +85,7 @@ def cut_shards(lengths: list[int], cost: Callable[[int], float], workers: int) -
 def pending_sequences(store: Store, run_ids: list[str], done: pa.Array, skip: pa.Array) -> pa.Table:
     """Distinct sequences of the given ingest runs, minus those already done or isolated as rejected."""
     con = duckdb.connect(":memory:")
-    members = [p for run in run_ids for p in (store.table_dir("members") / f"run_id={run}").glob("*.parquet")]
+    members = [p for run in run_ids for p in store.run_dir("members", run).glob("*.parquet")]
     if not members:
         return PLAN_SCHEMA.empty_table().drop_columns(["shard_id"])
     con.register("done_hashes", pa.table({"seq_hash": done}))

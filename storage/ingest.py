@@ -315,7 +315,7 @@ def _stream_records(scratch: Path, sources: list[Source], min_length: int | None
                 origin.append(index)
                 yield process_chunk, (chunk, *options)
 
-    sniffers = {s.name: _NucleotideSniffer(s) for s in sources}
+    sniffers = [_NucleotideSniffer(s) for s in sources]
     current = -1
     try:
         for block in _ordered_map(tasks(), workers):
@@ -326,7 +326,7 @@ def _stream_records(scratch: Path, sources: list[Source], min_length: int | None
             state.digest.update(block.digest)
             accepted, rejected = _offset(block.accepted, records), _offset(block.rejected, records)
             records += block.records
-            sniffers[block.source].check(accepted.column("sequence"))
+            sniffers[index].check(accepted.column("sequence"))
             if rejected.num_rows:
                 rejected_sink.write(rejected)
                 state.rejected_by_rule.update(rejected.column("rule").to_pylist())
@@ -341,7 +341,7 @@ def _stream_records(scratch: Path, sources: list[Source], min_length: int | None
             if progress is not None and time.monotonic() - last_report > 0.5:
                 last_report = time.monotonic()
                 progress({"records": records, "bytes": bytes_read, "source": block.source})
-        for sniffer in sniffers.values():
+        for sniffer in sniffers:
             sniffer.finish()
         state.spill.close()
         members_sink.close()
@@ -427,7 +427,7 @@ def _dedup_and_commit(store: Store, scratch: Path, pass1: _Pass1, run_id: str, r
     else:
         seq_sink.abort()
     for sink, table in ((pass1.members, "members"), (pass1.rejected, "rejected")):
-        target = store.table_dir(table) / f"run_id={run_id}" / "part-0.parquet"
+        target = store.run_dir(table, run_id) / "part-0.parquet"
         if sink.rows:
             sink.commit(target)
         else:

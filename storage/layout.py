@@ -40,6 +40,10 @@ class Store:
     def table_dir(self, table: str) -> Path:
         return self.root / table
 
+    def run_dir(self, table: str, run_id: str) -> Path:
+        """A run's partition of a hive-partitioned table (members, rejected, shards): ``<table>/run_id=<id>``."""
+        return self.table_dir(table) / f"run_id={run_id}"
+
     def staging_dir(self, name: str) -> Path:
         """A private scratch directory inside the store (same filesystem, so renames are atomic)."""
         path = self.root / ".staging" / f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
