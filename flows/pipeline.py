@@ -127,8 +127,9 @@ def compute_shards(job: Job, pool: ActorPool, record: RunRecord, plan: Plan, don
     attempt = record.counts["attempts"]
     members = _member_index(store, record.params["ingest_run"])
 
-    existing = {table: results.existing_keys(store, table, identity["model"], identity["sha"], key, plan.hashes())
-                for table, key in ROW_KEYS.items() if table in _tables(job)}
+    planned = plan.hashes()
+    existing = {table: results.existing_keys(store, table, identity["model"], identity["sha"], ROW_KEYS[table], planned)
+                for table in _tables(job)}
 
     def on_done(shard_id: int, output: ShardOutput, meta: dict) -> None:
         for table, rows in output.tables.items():
