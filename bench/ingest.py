@@ -54,7 +54,9 @@ def build_input(path: Path, size_gb: float) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-gb", type=float, default=1.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/proteoflow-bench"))
     args = parser.parse_args()
@@ -65,16 +67,28 @@ def main() -> None:
     shutil.rmtree(store, ignore_errors=True)
 
     # Each measurement in a fresh interpreter launched through a tiny wrapper that reports its own peak RSS.
-    wrapper = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
-               "code = 0\ntry:\n    runpy.run_module(sys.argv[0], run_name='__main__') if not sys.argv[0].endswith('.py') "
-               "else runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    code = e.code or 0\n"
-               "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\nsys.exit(code)")
+    wrapper = (
+        "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+        "code = 0\ntry:\n    runpy.run_module(sys.argv[0], run_name='__main__') if not sys.argv[0].endswith('.py') "
+        "else runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    code = e.code or 0\n"
+        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\nsys.exit(code)"
+    )
     results = {}
     baseline_script = args.workdir / "baseline.py"
     baseline_script.write_text(BASELINE)
     for name, cmd in {
-        "proteoflow ingest": [sys.executable, "-c", wrapper, "flows.cli", "ingest", str(fasta), "--store", str(store), "--json"],
+        "proteoflow ingest": [
+            sys.executable,
+            "-c",
+            wrapper,
+            "flows.cli",
+            "ingest",
+            str(fasta),
+            "--store",
+            str(store),
+            "--json",
+        ],
         "SeqIO.parse + md5": [sys.executable, "-c", wrapper, str(baseline_script), str(fasta)],
     }.items():
         start = time.perf_counter()
@@ -90,15 +104,23 @@ def main() -> None:
         records = json.loads(out)["records"] if out.startswith("{") else int(out)
         results[name] = {"wall_s": wall, "records": records, "peak_rss_mb": peak_kb / 1024}
 
-    print(f"input: {fasta} ({size_mb:,.0f} MB, {results['proteoflow ingest']['records']:,} records), "
-          f"cpus={os.cpu_count()}")
-    print(f"{'':22}{'wall s':>9}{'records/s':>13}{'MB/s':>9}{'peak RSS MB':>13}  (proteoflow: main + parse workers)")
+    print(
+        f"input: {fasta} ({size_mb:,.0f} MB, {results['proteoflow ingest']['records']:,} records), "
+        f"cpus={os.cpu_count()}"
+    )
+    print(
+        f"{'':22}{'wall s':>9}{'records/s':>13}{'MB/s':>9}{'peak RSS MB':>13}  (proteoflow: main + parse workers)"
+    )
     for name, r in results.items():
-        print(f"{name:22}{r['wall_s']:9.1f}{r['records'] / r['wall_s']:13,.0f}{size_mb / r['wall_s']:9.1f}"
-              f"{r['peak_rss_mb']:13.0f}")
+        print(
+            f"{name:22}{r['wall_s']:9.1f}{r['records'] / r['wall_s']:13,.0f}{size_mb / r['wall_s']:9.1f}"
+            f"{r['peak_rss_mb']:13.0f}"
+        )
     ratio = results["SeqIO.parse + md5"]["wall_s"] / results["proteoflow ingest"]["wall_s"]
-    print(f"speed ratio proteoflow / baseline: {ratio:.2f}x "
-          f"(proteoflow also validates, deduplicates and writes Parquet)")
+    print(
+        f"speed ratio proteoflow / baseline: {ratio:.2f}x "
+        f"(proteoflow also validates, deduplicates and writes Parquet)"
+    )
 
 
 if __name__ == "__main__":

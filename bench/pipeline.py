@@ -44,14 +44,18 @@ def read_records(limit: int | None) -> list[tuple[str, str]]:
 
 def run_cli(args: list[str]) -> float:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True
+    )
     if proc.returncode:
         sys.exit(f"proteoflow {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - started
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--limit", type=int, help="first N proteome records only")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/proteoflow-bench-pipeline"))
     args = parser.parse_args()
@@ -76,19 +80,34 @@ def main() -> None:
     for _ in embedder.embed(sorted(distinct.items())):
         pass
     engine = time.perf_counter() - loaded
-    print(f"engine alone: {engine:.1f} s compute + {loaded - started:.1f} s load, {residues / engine:,.0f} residues/s "
-          f"({len(distinct):,} sequences, {residues:,} residues, precision {embedder.precision})", flush=True)
+    print(
+        f"engine alone: {engine:.1f} s compute + {loaded - started:.1f} s load, {residues / engine:,.0f} residues/s "
+        f"({len(distinct):,} sequences, {residues:,} residues, precision {embedder.precision})",
+        flush=True,
+    )
     del embedder
 
-    startup = run_cli(["embed", str(one), "--store", str(args.workdir / "store-one"), "--model", str(model),
-                       "--no-progress"])
+    startup = run_cli(
+        [
+            "embed",
+            str(one),
+            "--store",
+            str(args.workdir / "store-one"),
+            "--model",
+            str(model),
+            "--no-progress",
+        ]
+    )
     print(f"pipeline start-up (one sequence): {startup:.1f} s", flush=True)
-    pipeline = run_cli(["embed", str(fasta), "--store", str(args.workdir / "store"), "--model", str(model),
-                        "--no-progress"])
+    pipeline = run_cli(
+        ["embed", str(fasta), "--store", str(args.workdir / "store"), "--model", str(model), "--no-progress"]
+    )
     overhead = (pipeline - startup) / engine - 1
     print(f"pipeline end to end: {pipeline:.1f} s ({residues / pipeline:,.0f} residues/s)")
-    print(f"overhead beyond start-up: {overhead:+.1%} of the engine's time (goal <= 15 %); "
-          f"start-up {startup:.1f} s (goal <= 20 s); cpus={os.cpu_count()}")
+    print(
+        f"overhead beyond start-up: {overhead:+.1%} of the engine's time (goal <= 15 %); "
+        f"start-up {startup:.1f} s (goal <= 20 s); cpus={os.cpu_count()}"
+    )
 
 
 if __name__ == "__main__":

@@ -37,4 +37,3 @@ def free_cached_memory(device: torch.device) -> None:
     """Return cached blocks to the driver after an OOM so the retry starts from a clean allocator."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-

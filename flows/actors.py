@@ -32,8 +32,12 @@ class ShardWorker:
         import ray
 
         context = ray.get_runtime_context()
-        return {"host": socket.gethostname(), "pid": os.getpid(), "node_id": context.get_node_id(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "node_id": context.get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
 
     def run_shard(self, shard_id: int, items: list[tuple[str, str]], run_id: str) -> ShardOutput:
         _maybe_die(shard_id)

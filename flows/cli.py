@@ -23,8 +23,12 @@ EPILOG = textwrap.dedent("""\
 
 
 def store_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=os.environ.get("PROTEOFLOW_STORE"), metavar="DIR",
-                        help="store directory (created by ingest; default $PROTEOFLOW_STORE)")
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("PROTEOFLOW_STORE"),
+        metavar="DIR",
+        help="store directory (created by ingest; default $PROTEOFLOW_STORE)",
+    )
 
 
 def positive_int(text: str) -> int:
@@ -43,7 +47,8 @@ def run_id_arg(text: str) -> str:
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "ingest", help="validate, deduplicate and store FASTA records",
+        "ingest",
+        help="validate, deduplicate and store FASTA records",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Read protein FASTA (plain or gzip, files, directories, '-' for stdin) into the store.
@@ -54,22 +59,34 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
             normalized sequence). Every refused record becomes a `rejected` row naming the rule, the
             first offending character and its position. Re-ingesting the same input changes nothing.
         """),
-        epilog="example:\n  proteoflow ingest ecoli.fasta.gz metagenome/ --store ./store --max-length 2000")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA file (.gz ok), directory of them, or '-'")
+        epilog="example:\n  proteoflow ingest ecoli.fasta.gz metagenome/ --store ./store --max-length 2000",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="FASTA file (.gz ok), directory of them, or '-'"
+    )
     store_arg(p)
-    p.add_argument("--run-id", type=run_id_arg, metavar="ID",
-                   help="name for this run (default: derived from the input content and options)")
+    p.add_argument(
+        "--run-id",
+        type=run_id_arg,
+        metavar="ID",
+        help="name for this run (default: derived from the input content and options)",
+    )
     p.add_argument("--min-length", type=positive_int, metavar="N", help="reject sequences shorter than N")
     p.add_argument("--max-length", type=positive_int, metavar="N", help="reject sequences longer than N")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="parse in N processes (default: one per core for inputs over 32 MB, else 0 = in-process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="parse in N processes (default: one per core for inputs over 32 MB, else 0 = in-process)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=cmd_ingest)
 
 
 def _add_sql(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "sql", help="query the store with DuckDB SQL (read-only)",
+        "sql",
+        help="query the store with DuckDB SQL (read-only)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Answer a read-only SQL query over the store's views:
@@ -85,9 +102,12 @@ def _add_sql(sub: argparse._SubParsersAction) -> None:
             examples:
               proteoflow sql --store ./store "SELECT rule, count(*) FROM rejected GROUP BY rule"
               proteoflow sql --store ./store --format csv "SELECT seq_id, length FROM members"
-        """))
+        """),
+    )
     store_arg(p)
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default table)")
+    p.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="output format (default table)"
+    )
     p.add_argument("query", metavar="SQL", help="the query; '-' reads it from stdin")
     p.set_defaults(handler=cmd_sql)
 
@@ -95,8 +115,11 @@ def _add_sql(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser; subcommand modules add their own parsers here."""
     parser = argparse.ArgumentParser(
-        prog="proteoflow", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Proteome-scale ESM-2 embeddings and ESMFold structures: FASTA in, Parquet out, SQL on top.")
+        prog="proteoflow",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        description="Proteome-scale ESM-2 embeddings and ESMFold structures: FASTA in, Parquet out, SQL on top.",
+    )
     parser.add_argument("--version", action="version", version=f"proteoflow {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_ingest(sub)
@@ -153,18 +176,31 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     def progress(info: dict) -> None:
         rate = info["bytes"] / max(bar.elapsed, 1e-9)
-        bar.update(f"{info['records']:,} records, {human_bytes(info['bytes'])} read ({human_bytes(rate)}/s)",
-                   force=info.get("done", False))
+        bar.update(
+            f"{info['records']:,} records, {human_bytes(info['bytes'])} read ({human_bytes(rate)}/s)",
+            force=info.get("done", False),
+        )
 
     try:
-        result = ingest(store, args.inputs, run_id=args.run_id, min_length=args.min_length,
-                        max_length=args.max_length, progress=progress, workers=args.workers)
+        result = ingest(
+            store,
+            args.inputs,
+            run_id=args.run_id,
+            min_length=args.min_length,
+            max_length=args.max_length,
+            progress=progress,
+            workers=args.workers,
+        )
     finally:
         bar.close()
     for name in result.skipped_files:
         sys.stderr.write(f"note: skipped {name} (not a FASTA file name)\n")
     if args.json:
-        print(json.dumps({"run_id": result.run_id, "already_ingested": result.already_ingested, **result.counts}))
+        print(
+            json.dumps(
+                {"run_id": result.run_id, "already_ingested": result.already_ingested, **result.counts}
+            )
+        )
     else:
         print_ingest_summary(result, sys.stdout)
     return 0

@@ -31,81 +31,152 @@ def _csv(text: str) -> list[str]:
 
 def _pool_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workers (Ray)")
-    g.add_argument("--workers", type=positive_int, metavar="N",
-                   help="actors, each holding one copy of the model (default: one per GPU, else 1)")
-    g.add_argument("--cpus-per-worker", type=float, metavar="C",
-                   help="CPUs reserved per actor (default: all CPUs / workers on a CPU-only cluster, else 1)")
-    g.add_argument("--gpus-per-worker", type=float, metavar="F",
-                   help="GPUs per actor, fractions allowed (0.5 = two actors per GPU; default 1 where GPUs exist)")
-    g.add_argument("--max-attempts", type=positive_int, default=3, metavar="N",
-                   help="tries per shard when a worker dies before the shard is marked failed (default 3)")
-    g.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto)")
-    g.add_argument("--ship-code", action="store_true",
-                   help="send proteoflow's packages to the cluster's workers (runtime_env py_modules)")
+    g.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="actors, each holding one copy of the model (default: one per GPU, else 1)",
+    )
+    g.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        metavar="C",
+        help="CPUs reserved per actor (default: all CPUs / workers on a CPU-only cluster, else 1)",
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        metavar="F",
+        help="GPUs per actor, fractions allowed (0.5 = two actors per GPU; default 1 where GPUs exist)",
+    )
+    g.add_argument(
+        "--max-attempts",
+        type=positive_int,
+        default=3,
+        metavar="N",
+        help="tries per shard when a worker dies before the shard is marked failed (default 3)",
+    )
+    g.add_argument(
+        "--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto)"
+    )
+    g.add_argument(
+        "--ship-code",
+        action="store_true",
+        help="send proteoflow's packages to the cluster's workers (runtime_env py_modules)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no live progress line")
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA file (.gz ok), directory, or '-'")
     store_arg(p)
-    p.add_argument("--run-id", type=run_id_arg, metavar="ID",
-                   help="name of this run (default: derived from inputs, model, options)")
+    p.add_argument(
+        "--run-id",
+        type=run_id_arg,
+        metavar="ID",
+        help="name of this run (default: derived from inputs, model, options)",
+    )
     p.add_argument("--min-length", type=positive_int, metavar="N", help="reject sequences shorter than N")
-    p.add_argument("--max-length", type=positive_int, metavar="N",
-                   help="reject (as a `rejected` row with its reason) sequences longer than N")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        metavar="N",
+        help="reject (as a `rejected` row with its reason) sequences longer than N",
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register embed, fold, models and export-structures."""
     e = sub.add_parser(
-        "embed", help="ESM-2 embeddings for every new sequence of the inputs",
+        "embed",
+        help="ESM-2 embeddings for every new sequence of the inputs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Ingest the inputs, then compute ESM-2 embeddings for the sequences this model lacks.\n\n"
-                    + COMMON_EPILOG,
+        + COMMON_EPILOG,
         epilog=textwrap.dedent("""\
             examples:
               proteoflow embed proteome.fasta.gz --store ./store --model esm2_t33_650M_UR50D
               proteoflow embed mags/ --store ./store --model ./esm2_t6_8M_UR50D.pt --layers 6,-1 --pooling mean,bos
               proteoflow sql --store ./store "SELECT seq_hash, array_cosine_similarity(embedding, ...) ..."
-        """))
+        """),
+    )
     _input_args(e)
-    e.add_argument("--model", default="esm2_t33_650M_UR50D", metavar="M",
-                   help="known name (see `proteoflow models`), hub id, local HF directory or fair-esm .pt "
-                        "(default esm2_t33_650M_UR50D)")
-    e.add_argument("--layers", type=_csv_ints, default=[-1], metavar="L,...",
-                   help="layers to pool, fair-esm style (0 = embeddings, -1 = last; default -1)")
-    e.add_argument("--pooling", type=_csv, default=["mean"], metavar="P,...", help="mean and/or bos (default mean)")
-    e.add_argument("--per-residue", action="store_true", help="also store per-residue vectors (residue_embeddings)")
-    e.add_argument("--contacts", action="store_true", help="also store contact maps from the model's contact head")
-    e.add_argument("--long-strategy", choices=("window", "truncate"), default="window",
-                   help="sequences over the model's 1,022 residues: overlapping windows (default) or truncate")
-    e.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto = fastest safe one for the device (bf16 on CPUs with fast bf16, fp16 on GPUs)")
-    e.add_argument("--max-tokens", type=positive_int, metavar="N",
-                   help="token budget per batch, padding included (default: from the device's memory)")
+    e.add_argument(
+        "--model",
+        default="esm2_t33_650M_UR50D",
+        metavar="M",
+        help="known name (see `proteoflow models`), hub id, local HF directory or fair-esm .pt "
+        "(default esm2_t33_650M_UR50D)",
+    )
+    e.add_argument(
+        "--layers",
+        type=_csv_ints,
+        default=[-1],
+        metavar="L,...",
+        help="layers to pool, fair-esm style (0 = embeddings, -1 = last; default -1)",
+    )
+    e.add_argument(
+        "--pooling", type=_csv, default=["mean"], metavar="P,...", help="mean and/or bos (default mean)"
+    )
+    e.add_argument(
+        "--per-residue", action="store_true", help="also store per-residue vectors (residue_embeddings)"
+    )
+    e.add_argument(
+        "--contacts", action="store_true", help="also store contact maps from the model's contact head"
+    )
+    e.add_argument(
+        "--long-strategy",
+        choices=("window", "truncate"),
+        default="window",
+        help="sequences over the model's 1,022 residues: overlapping windows (default) or truncate",
+    )
+    e.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto = fastest safe one for the device (bf16 on CPUs with fast bf16, fp16 on GPUs)",
+    )
+    e.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        metavar="N",
+        help="token budget per batch, padding included (default: from the device's memory)",
+    )
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored vector type")
     _pool_args(e)
     e.set_defaults(handler=cmd_compute, kind="embed")
 
     f = sub.add_parser(
-        "fold", help="ESMFold structures for every new sequence of the inputs",
+        "fold",
+        help="ESMFold structures for every new sequence of the inputs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Ingest the inputs, then predict ESMFold structures for the sequences this model lacks.\n"
-                    "Complexes: chains separated by ':' in one record.\n\n" + COMMON_EPILOG,
+        "Complexes: chains separated by ':' in one record.\n\n" + COMMON_EPILOG,
         epilog=textwrap.dedent("""\
             examples:
               proteoflow fold new_contigs.faa --store ./store --max-length 1000
               proteoflow sql --store ./store "SELECT m.seq_id, s.mean_plddt, s.ptm FROM structures s
                                               JOIN members m USING (seq_hash) WHERE s.ptm > 0.7"
               proteoflow export-structures --store ./store --out pdbs/ --min-plddt 70
-        """))
+        """),
+    )
     _input_args(f)
-    f.add_argument("--model", default="facebook/esmfold_v1", metavar="M",
-                   help="hub id or local HF directory of EsmForProteinFolding (default facebook/esmfold_v1)")
+    f.add_argument(
+        "--model",
+        default="facebook/esmfold_v1",
+        metavar="M",
+        help="hub id or local HF directory of EsmForProteinFolding (default facebook/esmfold_v1)",
+    )
     f.add_argument("--num-recycles", type=int, metavar="N", help="trunk recycles (default: the model's, 4)")
-    f.add_argument("--chunk-size", default="auto", metavar="N|auto|none",
-                   help="axial-attention chunk size: auto (smaller for longer chains), a number, or none")
-    f.add_argument("--max-tokens", type=positive_int, metavar="N", help="residues per batch, padding included")
+    f.add_argument(
+        "--chunk-size",
+        default="auto",
+        metavar="N|auto|none",
+        help="axial-attention chunk size: auto (smaller for longer chains), a number, or none",
+    )
+    f.add_argument(
+        "--max-tokens", type=positive_int, metavar="N", help="residues per batch, padding included"
+    )
     f.add_argument("--pae", action="store_true", help="also store the predicted aligned error matrix")
     _pool_args(f)
     f.set_defaults(handler=cmd_compute, kind="fold")
@@ -115,12 +186,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(handler=cmd_models)
 
     x = sub.add_parser(
-        "export-structures", help="write predicted structures as PDB or mmCIF files",
+        "export-structures",
+        help="write predicted structures as PDB or mmCIF files",
         description="Write one file per member record whose structure passes the filters; names come from the "
-                    "record ids, made file-system safe and unique.")
+        "record ids, made file-system safe and unique.",
+    )
     store_arg(x)
     x.add_argument("--out", required=True, metavar="DIR", help="directory to write into (created)")
-    x.add_argument("--min-plddt", type=float, metavar="X", help="only structures with mean pLDDT >= X (0-100)")
+    x.add_argument(
+        "--min-plddt", type=float, metavar="X", help="only structures with mean pLDDT >= X (0-100)"
+    )
     x.add_argument("--format", choices=("pdb", "cif"), default="pdb")
     x.add_argument("--run-id", metavar="ID", help="only records of this ingest or fold run")
     x.add_argument("--model", metavar="M", help="only structures of this model name")
@@ -144,18 +219,43 @@ def build_job(args: argparse.Namespace):
     from flows.pool import PoolOptions
 
     if args.kind == "embed":
-        options = {"layers": args.layers, "poolings": args.pooling, "per_residue": args.per_residue,
-                   "contacts": args.contacts, "long_strategy": args.long_strategy, "precision": args.precision,
-                   "max_tokens": args.max_tokens, "dtype": args.dtype}
+        options = {
+            "layers": args.layers,
+            "poolings": args.pooling,
+            "per_residue": args.per_residue,
+            "contacts": args.contacts,
+            "long_strategy": args.long_strategy,
+            "precision": args.precision,
+            "max_tokens": args.max_tokens,
+            "dtype": args.dtype,
+        }
     else:
-        options = {"num_recycles": args.num_recycles, "chunk_size": _chunk_size(args.chunk_size),
-                   "max_tokens": args.max_tokens, "pae": args.pae}
-    pool = PoolOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                       gpus_per_worker=args.gpus_per_worker, max_attempts=args.max_attempts)
-    return Job(kind=args.kind, store=require_store(args), inputs=args.inputs, model=args.model,
-               engine_options=options, pool=pool, min_length=args.min_length, max_length=args.max_length,
-               run_id=args.run_id, ray_address=args.ray_address, ship_code=args.ship_code,
-               progress=not args.no_progress)
+        options = {
+            "num_recycles": args.num_recycles,
+            "chunk_size": _chunk_size(args.chunk_size),
+            "max_tokens": args.max_tokens,
+            "pae": args.pae,
+        }
+    pool = PoolOptions(
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        max_attempts=args.max_attempts,
+    )
+    return Job(
+        kind=args.kind,
+        store=require_store(args),
+        inputs=args.inputs,
+        model=args.model,
+        engine_options=options,
+        pool=pool,
+        min_length=args.min_length,
+        max_length=args.max_length,
+        run_id=args.run_id,
+        ray_address=args.ray_address,
+        ship_code=args.ship_code,
+        progress=not args.no_progress,
+    )
 
 
 def print_run_summary(record, out=sys.stdout) -> None:
@@ -174,7 +274,9 @@ def print_run_summary(record, out=sys.stdout) -> None:
         f"outputs        {c.get('outputs')}",
     ]
     if ident.get("random_weights"):
-        lines.insert(0, "!!! RANDOM WEIGHTS: this run's numbers mean nothing (recorded as random_weights=true) !!!")
+        lines.insert(
+            0, "!!! RANDOM WEIGHTS: this run's numbers mean nothing (recorded as random_weights=true) !!!"
+        )
     if record.message:
         lines.append(f"message        {record.message}")
     out.write("\n".join(lines) + "\n")
@@ -221,7 +323,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from flows.export import export_structures
 
-    written = export_structures(require_store(args), args.out, fmt=args.format, min_plddt=args.min_plddt,
-                                run_id=args.run_id, model=args.model)
+    written = export_structures(
+        require_store(args),
+        args.out,
+        fmt=args.format,
+        min_plddt=args.min_plddt,
+        run_id=args.run_id,
+        model=args.model,
+    )
     print(json.dumps({"written": written, "out": args.out}))
     return 0

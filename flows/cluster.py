@@ -26,8 +26,12 @@ def runtime_env_for_remote() -> dict:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-                ship_code: bool = False) -> Iterator[dict]:
+def ray_session(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    ship_code: bool = False,
+) -> Iterator[dict]:
     """Yield a description of the Ray cluster in use; shut down only what this call started."""
     if ray.is_initialized():
         yield _describe(started=False)
@@ -49,5 +53,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, num_gpu
 
 def _describe(started: bool) -> dict:
     resources = ray.cluster_resources()
-    return {"started_local": started, "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
-            "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}
+    return {
+        "started_local": started,
+        "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+        "cpus": resources.get("CPU", 0),
+        "gpus": resources.get("GPU", 0),
+    }

@@ -59,8 +59,10 @@ def pick_model(kind: str, repo: str, store: Path) -> str:
     if hub_available(repo):
         return repo
     path = random_stand_in(kind, store)
-    say(f"!!! NOTICE: {repo} is neither cached nor reachable. Using RANDOM WEIGHTS of that architecture\n"
-        f"!!! ({path}). Every number below is meaningless; runs are recorded as random_weights=true.")
+    say(
+        f"!!! NOTICE: {repo} is neither cached nor reachable. Using RANDOM WEIGHTS of that architecture\n"
+        f"!!! ({path}). Every number below is meaningless; runs are recorded as random_weights=true."
+    )
     return path
 
 
@@ -87,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         FROM embeddings e JOIN members m USING (seq_hash), q
         WHERE m.seq_id <> q.seq_id
         ORDER BY cosine DESC LIMIT 5"""
-    say("3. the 5 nearest neighbours of the first protein, by cosine similarity:\n"
-        f"   proteoflow sql --store {store} \"{' '.join(query.split())}\"")
+    say(
+        "3. the 5 nearest neighbours of the first protein, by cosine similarity:\n"
+        f'   proteoflow sql --store {store} "{" ".join(query.split())}"'
+    )
     if cli(["sql", "--store", str(store), query]):
         return 1
 
@@ -97,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     say(f"4. fold {fold_input.name} (5 short proteins) with {fold_model}")
     if cli(["fold", str(fold_input), "--store", str(store), "--model", fold_model]):
         return 1
-    if cli(["sql", "--store", str(store), "SELECT DISTINCT m.seq_id, s.length, round(s.mean_plddt, 1) AS mean_plddt, "
-            "round(s.ptm, 3) AS ptm FROM structures s JOIN members m USING (seq_hash) ORDER BY m.seq_id"]):
+    if cli(
+        [
+            "sql",
+            "--store",
+            str(store),
+            "SELECT DISTINCT m.seq_id, s.length, round(s.mean_plddt, 1) AS mean_plddt, "
+            "round(s.ptm, 3) AS ptm FROM structures s JOIN members m USING (seq_hash) ORDER BY m.seq_id",
+        ]
+    ):
         return 1
     out = store / "pdb"
     say(f"5. export the structures as PDB files into {out}/")
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for path in sorted(out.glob("*.pdb")):
         print(f"  {path}")
-    say(f"done. Try: .venv/bin/proteoflow sql --store {store} \"SELECT * FROM runs\"")
+    say(f'done. Try: .venv/bin/proteoflow sql --store {store} "SELECT * FROM runs"')
     return 0
 
 

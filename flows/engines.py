@@ -83,43 +83,87 @@ class EmbedEngine:
         self.options = options
         self.dtype = options.get("dtype", "float32")
         self.embedder = Embedder(
-            self.loaded, layers=tuple(options.get("layers", (-1,))), poolings=tuple(options.get("poolings", ("mean",))),
-            per_residue=options.get("per_residue", False), contacts=options.get("contacts", False),
-            long_strategy=options.get("long_strategy", "window"), precision=options.get("precision", "auto"),
-            max_tokens=options.get("max_tokens"))
+            self.loaded,
+            layers=tuple(options.get("layers", (-1,))),
+            poolings=tuple(options.get("poolings", ("mean",))),
+            per_residue=options.get("per_residue", False),
+            contacts=options.get("contacts", False),
+            long_strategy=options.get("long_strategy", "window"),
+            precision=options.get("precision", "auto"),
+            max_tokens=options.get("max_tokens"),
+        )
         self.layers = list(self.embedder.layers)
 
     def identity(self) -> dict:
         """Who computes: the model's name and weights checksum, and the shape of what it writes."""
-        return {"model": self.loaded.name, "sha": self.loaded.sha, "random_weights": self.loaded.random_weights,
-                "dim": self.loaded.dim, "num_layers": self.loaded.num_layers, "layers": self.layers,
-                "poolings": list(self.options.get("poolings", ("mean",)))}
+        return {
+            "model": self.loaded.name,
+            "sha": self.loaded.sha,
+            "random_weights": self.loaded.random_weights,
+            "dim": self.loaded.dim,
+            "num_layers": self.loaded.num_layers,
+            "layers": self.layers,
+            "poolings": list(self.options.get("poolings", ("mean",))),
+        }
 
     def run(self, items: Items, run_id: str) -> ShardOutput:
         started = time.perf_counter()
         found, errors = isolate_or_raise(self._embed, items)
-        ident = {"model": self.loaded.name, "model_sha": self.loaded.sha, "run_id": run_id,
-                 "random_weights": self.loaded.random_weights}
+        ident = {
+            "model": self.loaded.name,
+            "model_sha": self.loaded.sha,
+            "run_id": run_id,
+            "random_weights": self.loaded.random_weights,
+        }
         pooled: dict[str, list] = {name: [] for name in results.embeddings_schema(self.loaded.dim).names}
-        residue: dict[str, list] = {name: [] for name in results.residue_embeddings_schema(self.loaded.dim).names}
+        residue: dict[str, list] = {
+            name: [] for name in results.residue_embeddings_schema(self.loaded.dim).names
+        }
         contacts: dict[str, list] = {name: [] for name in results.CONTACTS_SCHEMA.names}
         fallbacks = 0
         for r in found:
             fallbacks += len(r.fallbacks)
             for (layer, pooling), vector in sorted(r.pooled.items()):
-                _append(pooled, seq_hash=r.key, layer=layer, pooling=pooling, embedding=vector, length=r.length,
-                        strategy=r.strategy, precision=r.precision, **ident)
+                _append(
+                    pooled,
+                    seq_hash=r.key,
+                    layer=layer,
+                    pooling=pooling,
+                    embedding=vector,
+                    length=r.length,
+                    strategy=r.strategy,
+                    precision=r.precision,
+                    **ident,
+                )
             for layer, matrix in sorted((r.per_residue or {}).items()):
-                _append(residue, seq_hash=r.key, layer=layer, embedding=matrix, length=r.length,
-                        strategy=r.strategy, precision=r.precision, **ident)
+                _append(
+                    residue,
+                    seq_hash=r.key,
+                    layer=layer,
+                    embedding=matrix,
+                    length=r.length,
+                    strategy=r.strategy,
+                    precision=r.precision,
+                    **ident,
+                )
             if r.contacts is not None:
-                _append(contacts, seq_hash=r.key, length=r.length, contacts=np.asarray(r.contacts).ravel(), **ident)
+                _append(
+                    contacts,
+                    seq_hash=r.key,
+                    length=r.length,
+                    contacts=np.asarray(r.contacts).ravel(),
+                    **ident,
+                )
         tables = {"embeddings": _table(pooled, results.embeddings_schema(self.loaded.dim, self.dtype))}
         if self.options.get("per_residue"):
-            tables["residue_embeddings"] = _table(residue, results.residue_embeddings_schema(self.loaded.dim, self.dtype))
+            tables["residue_embeddings"] = _table(
+                residue, results.residue_embeddings_schema(self.loaded.dim, self.dtype)
+            )
         if self.options.get("contacts"):
             tables["contacts"] = _table(contacts, results.CONTACTS_SCHEMA)
-        return ShardOutput(tables, errors, fallbacks, sum(r.length for r in found), time.perf_counter() - started)
+        return ShardOutput(
+            tables, errors, fallbacks, sum(r.length for r in found), time.perf_counter() - started
+        )
 
     def _embed(self, items: Items) -> Iterator:
         _poisoned(items)
@@ -136,28 +180,55 @@ class FoldEngine:
 
         self.loaded = load_esmfold(model, device=device)
         self.options = options
-        self.folder = Folder(self.loaded, num_recycles=options.get("num_recycles"),
-                             chunk_size=options.get("chunk_size", "auto"), max_tokens=options.get("max_tokens"),
-                             pae=options.get("pae", False))
+        self.folder = Folder(
+            self.loaded,
+            num_recycles=options.get("num_recycles"),
+            chunk_size=options.get("chunk_size", "auto"),
+            max_tokens=options.get("max_tokens"),
+            pae=options.get("pae", False),
+        )
 
     def identity(self) -> dict:
-        return {"model": self.loaded.name, "sha": self.loaded.sha, "random_weights": self.loaded.random_weights}
+        return {
+            "model": self.loaded.name,
+            "sha": self.loaded.sha,
+            "random_weights": self.loaded.random_weights,
+        }
 
     def run(self, items: Items, run_id: str) -> ShardOutput:
         started = time.perf_counter()
         found, errors = isolate_or_raise(self._fold, items)
         columns: dict[str, list] = {name: [] for name in results.STRUCTURES_SCHEMA.names}
         for r in found:
-            _append(columns, seq_hash=r.key, model=self.loaded.name, model_sha=self.loaded.sha, run_id=run_id,
-                    random_weights=self.loaded.random_weights, mean_plddt=r.mean_plddt, ptm=r.ptm,
-                    plddt=np.asarray(r.plddt, np.float32), pae=None if r.pae is None else np.asarray(r.pae, np.float32).ravel(),
-                    pdb=r.pdb, cif=r.cif, length=r.length, chains=len(r.chains),
-                    num_recycles=r.settings.get("num_recycles"), chunk_size=r.settings.get("chunk_size"),
-                    device=str(r.settings.get("device")), stem_dtype=str(r.settings.get("stem_dtype")),
-                    fallbacks=list(r.fallbacks))
+            _append(
+                columns,
+                seq_hash=r.key,
+                model=self.loaded.name,
+                model_sha=self.loaded.sha,
+                run_id=run_id,
+                random_weights=self.loaded.random_weights,
+                mean_plddt=r.mean_plddt,
+                ptm=r.ptm,
+                plddt=np.asarray(r.plddt, np.float32),
+                pae=None if r.pae is None else np.asarray(r.pae, np.float32).ravel(),
+                pdb=r.pdb,
+                cif=r.cif,
+                length=r.length,
+                chains=len(r.chains),
+                num_recycles=r.settings.get("num_recycles"),
+                chunk_size=r.settings.get("chunk_size"),
+                device=str(r.settings.get("device")),
+                stem_dtype=str(r.settings.get("stem_dtype")),
+                fallbacks=list(r.fallbacks),
+            )
         table = _table(columns, results.STRUCTURES_SCHEMA)
-        return ShardOutput({"structures": table}, errors, sum(len(r.fallbacks) for r in found),
-                           sum(r.length for r in found), time.perf_counter() - started)
+        return ShardOutput(
+            {"structures": table},
+            errors,
+            sum(len(r.fallbacks) for r in found),
+            sum(r.length for r in found),
+            time.perf_counter() - started,
+        )
 
     def _fold(self, items: Items) -> Iterator:
         _poisoned(items)
@@ -188,7 +259,9 @@ def _table(columns: dict[str, list], schema: pa.Schema) -> pa.Table:
         elif pa.types.is_list(f.type) and pa.types.is_fixed_size_list(f.type.value_type) and values:
             inner = f.type.value_type
             offsets = np.concatenate([[0], np.cumsum([len(m) for m in values])]).astype(np.int32)
-            flat = np.concatenate([np.asarray(m).reshape(-1) for m in values]).astype(inner.value_type.to_pandas_dtype())
+            flat = np.concatenate([np.asarray(m).reshape(-1) for m in values]).astype(
+                inner.value_type.to_pandas_dtype()
+            )
             rows = pa.FixedSizeListArray.from_arrays(pa.array(flat), inner.list_size)
             arrays.append(pa.ListArray.from_arrays(pa.array(offsets), rows))
         else:

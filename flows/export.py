@@ -17,8 +17,14 @@ def safe_file_stem(record_id: str, fallback: str) -> str:
     return stem or fallback
 
 
-def export_structures(store: str | Path, out: str | Path, fmt: str = "pdb", min_plddt: float | None = None,
-                      run_id: str | None = None, model: str | None = None) -> int:
+def export_structures(
+    store: str | Path,
+    out: str | Path,
+    fmt: str = "pdb",
+    min_plddt: float | None = None,
+    run_id: str | None = None,
+    model: str | None = None,
+) -> int:
     """One file per member record with a structure passing the filters; returns how many were written.
 
     A record id seen twice with different structures (or two ids that clean to the same name) gets its run
@@ -41,7 +47,9 @@ def export_structures(store: str | Path, out: str | Path, fmt: str = "pdb", min_
         f"SELECT m.seq_id, m.run_id, m.record_index, {column} FROM structures s JOIN members m USING (seq_hash) "
         f"WHERE {' AND '.join(where)} "
         "QUALIFY row_number() OVER (PARTITION BY m.seq_id, s.seq_hash, s.model ORDER BY m.run_id, m.record_index) = 1 "
-        "ORDER BY m.run_id, m.record_index", params).fetchall()
+        "ORDER BY m.run_id, m.record_index",
+        params,
+    ).fetchall()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()

@@ -36,16 +36,22 @@ def _jsonable(value: object) -> object:
     return str(value)
 
 
-def write_result(columns: Sequence[str], rows: Sequence[tuple], fmt: str = "table", out: TextIO = sys.stdout) -> None:
+def write_result(
+    columns: Sequence[str], rows: Sequence[tuple], fmt: str = "table", out: TextIO = sys.stdout
+) -> None:
     """Print a query result: aligned table (long cells shortened), full CSV, or a JSON array of objects."""
     if fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([json.dumps(_jsonable(v)) if isinstance(v, (list, tuple, dict)) else v for v in row])
+            writer.writerow(
+                [json.dumps(_jsonable(v)) if isinstance(v, (list, tuple, dict)) else v for v in row]
+            )
         return
     if fmt == "json":
-        json.dump([dict(zip(columns, (_jsonable(v) for v in row), strict=True)) for row in rows], out, indent=1)
+        json.dump(
+            [dict(zip(columns, (_jsonable(v) for v in row), strict=True)) for row in rows], out, indent=1
+        )
         out.write("\n")
         return
     cells = [[_cell(v) for v in row] for row in rows]

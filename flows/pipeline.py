@@ -69,6 +69,7 @@ class RunFailed(Exception):
 
 # ---------------------------------------------------------------------------------------------- tasks
 
+
 @task(name="start-workers", cache_policy=NONE)
 def start_workers(job: Job) -> ActorPool:
     """Create the actors; they load the model in the background while ingest runs."""
@@ -88,12 +89,23 @@ def plan_shards(job: Job, ingest_run: str, identity: dict) -> tuple[RunRecord, P
     store = Store(job.store)
     run_id = job.run_id or _run_id(job, ingest_run, identity)
     record = load_run(store, run_id)
-    params = {"model": job.model, "engine_options": job.engine_options, "pool": asdict(job.pool),
-              "inputs": job.inputs, "ingest_run": ingest_run, "identity": identity}
+    params = {
+        "model": job.model,
+        "engine_options": job.engine_options,
+        "pool": asdict(job.pool),
+        "inputs": job.inputs,
+        "ingest_run": ingest_run,
+        "identity": identity,
+    }
     if record is None:
-        record = RunRecord(run_id=run_id, kind=job.kind, params=params,
-                           versions=package_versions(("proteoflow", "torch", "transformers", "ray", "prefect",
-                                                      "pyarrow", "duckdb")))
+        record = RunRecord(
+            run_id=run_id,
+            kind=job.kind,
+            params=params,
+            versions=package_versions(
+                ("proteoflow", "torch", "transformers", "ray", "prefect", "pyarrow", "duckdb")
+            ),
+        )
     else:
         _check_same_run(record, job, ingest_run, identity)
     attempt = int(record.counts.get("attempts", 0)) + 1
@@ -105,46 +117,78 @@ def plan_shards(job: Job, ingest_run: str, identity: dict) -> tuple[RunRecord, P
     if plan_file.exists():
         plan = load_plan(plan_file, cost)
     else:
-        todo = pending_sequences(store, [ingest_run], _done_hashes(store, job, identity), pa.array([], pa.string()))
+        todo = pending_sequences(
+            store, [ingest_run], _done_hashes(store, job, identity), pa.array([], pa.string())
+        )
         plan = write_plan(store, run_id, todo, cost, job.pool.workers)
     return record, plan, _done_shards(store, run_id)
 
 
 @task(name="compute", cache_policy=NONE)
-def compute_shards(job: Job, pool: ActorPool, record: RunRecord, plan: Plan, done: set[int],
-                   identity: dict) -> dict:
+def compute_shards(
+    job: Job, pool: ActorPool, record: RunRecord, plan: Plan, done: set[int], identity: dict
+) -> dict:
     """Drive the Ray actors over the shards not yet done; each result is committed as it arrives."""
     store = Store(job.store)
     logger = get_run_logger()
     todo = [s for s in plan.shards if s not in done]
     total_seqs = plan.sequences
-    state = {"seqs": sum(plan.shards[s][0] for s in done), "residues": sum(plan.shards[s][1] for s in done),
-             "new_residues": 0, "errors": 0, "fallbacks": 0}
+    state = {
+        "seqs": sum(plan.shards[s][0] for s in done),
+        "residues": sum(plan.shards[s][1] for s in done),
+        "new_residues": 0,
+        "errors": 0,
+        "fallbacks": 0,
+    }
     started = time.monotonic()
     bar = ProgressLine(job.kind) if job.progress else None
-    logger.info("%d shards (%d sequences); %d already done by earlier attempts; %d to compute",
-                len(plan.shards), total_seqs, len(done), len(todo))
+    logger.info(
+        "%d shards (%d sequences); %d already done by earlier attempts; %d to compute",
+        len(plan.shards),
+        total_seqs,
+        len(done),
+        len(todo),
+    )
     attempt = record.counts["attempts"]
     members = _member_index(store, record.params["ingest_run"])
 
     planned = plan.hashes()
-    existing = {table: results.existing_keys(store, table, identity["model"], identity["sha"], ROW_KEYS[table], planned)
-                for table in _tables(job)}
+    existing = {
+        table: results.existing_keys(
+            store, table, identity["model"], identity["sha"], ROW_KEYS[table], planned
+        )
+        for table in _tables(job)
+    }
 
     def on_done(shard_id: int, output: ShardOutput, meta: dict) -> None:
         for table, rows in output.tables.items():
             if existing.get(table):  # rows an earlier run already wrote (e.g. another pooling was added)
                 keys = pc.binary_join_element_wise(rows.column("seq_hash"), _row_key(rows, table), "/")
                 rows = rows.filter(pc.invert(pc.is_in(keys, value_set=pa.array(list(existing[table])))))
-            path = results.shard_path(store, table, identity["model"], identity["sha"], record.run_id, shard_id)
+            path = results.shard_path(
+                store, table, identity["model"], identity["sha"], record.run_id, shard_id
+            )
             results.write_shard(path, rows, {"run_id": record.run_id, "shard_id": shard_id})
         if output.errors:
             _write_rejections(store, record.run_id, shard_id, output.errors, members)
         else:
             _rejections_path(store, record.run_id, shard_id).unlink(missing_ok=True)  # left by an earlier try
         n, residues, _ = plan.shards[shard_id]
-        _write_shard_record(store, record.run_id, shard_id, "done", attempt, meta["attempts"], n, output.residues,
-                            len(output.errors), output.fallbacks, output.seconds, f"slot-{meta['slot']}", "")
+        _write_shard_record(
+            store,
+            record.run_id,
+            shard_id,
+            "done",
+            attempt,
+            meta["attempts"],
+            n,
+            output.residues,
+            len(output.errors),
+            output.fallbacks,
+            output.seconds,
+            f"slot-{meta['slot']}",
+            "",
+        )
         state["seqs"] += n
         state["residues"] += residues
         state["new_residues"] += residues
@@ -158,8 +202,10 @@ def compute_shards(job: Job, pool: ActorPool, record: RunRecord, plan: Plan, don
         rate = state["new_residues"] / elapsed if elapsed > 0 else 0.0
         left = plan.residues - state["residues"]
         eta = f"{left / rate:,.0f} s" if rate > 0 else "?"
-        bar.update(f"{state['seqs']:,}/{total_seqs:,} sequences, {state['residues']:,}/{plan.residues:,} residues, "
-                   f"{rate:,.0f} residues/s, ETA {eta}")
+        bar.update(
+            f"{state['seqs']:,}/{total_seqs:,} sequences, {state['residues']:,}/{plan.residues:,} residues, "
+            f"{rate:,.0f} residues/s, ETA {eta}"
+        )
 
     try:
         report = pool.run(todo, plan.items, record.run_id, on_done, on_tick)
@@ -173,15 +219,38 @@ def compute_shards(job: Job, pool: ActorPool, record: RunRecord, plan: Plan, don
             bar.close()
     for shard_id, error in report.failed.items():
         n, residues, _ = plan.shards[shard_id]
-        _write_shard_record(store, record.run_id, shard_id, "failed", attempt, job.pool.max_attempts, n, 0, 0, 0,
-                            0.0, "", error)
+        _write_shard_record(
+            store,
+            record.run_id,
+            shard_id,
+            "failed",
+            attempt,
+            job.pool.max_attempts,
+            n,
+            0,
+            0,
+            0,
+            0.0,
+            "",
+            error,
+        )
     elapsed = time.monotonic() - started
-    return {"shards": len(plan.shards), "shards_done_before": len(done), "shards_computed": len(report.computed),
-            "shards_failed": len(report.failed), "failed": {str(k): v for k, v in report.failed.items()},
-            "retries": report.retries, "replaced_workers": report.replaced_actors,
-            "sequences": total_seqs, "residues": plan.residues, "computed_residues": state["new_residues"],
-            "isolated_errors": state["errors"], "fallbacks": state["fallbacks"], "compute_seconds": elapsed,
-            "residues_per_s": state["new_residues"] / elapsed if elapsed > 0 else 0.0}
+    return {
+        "shards": len(plan.shards),
+        "shards_done_before": len(done),
+        "shards_computed": len(report.computed),
+        "shards_failed": len(report.failed),
+        "failed": {str(k): v for k, v in report.failed.items()},
+        "retries": report.retries,
+        "replaced_workers": report.replaced_actors,
+        "sequences": total_seqs,
+        "residues": plan.residues,
+        "computed_residues": state["new_residues"],
+        "isolated_errors": state["errors"],
+        "fallbacks": state["fallbacks"],
+        "compute_seconds": elapsed,
+        "residues_per_s": state["new_residues"] / elapsed if elapsed > 0 else 0.0,
+    }
 
 
 @task(name="refresh-catalog", cache_policy=NONE, retries=2, retry_delay_seconds=1)
@@ -197,21 +266,34 @@ def finish(job: Job, record: RunRecord, computed: dict, ingested: dict, started:
     previous_attempts = record.counts.get("attempt_log", [])
     record.counts.update(computed)
     record.counts["ingest"] = ingested["counts"]
-    record.counts["attempt_log"] = previous_attempts + [{
-        "attempt": record.counts["attempts"], "shards_computed": computed["shards_computed"],
-        "shards_failed": computed["shards_failed"], "wall_seconds": time.monotonic() - started}]
-    record.counts["outputs"] = str(results.model_dir(store, _main_table(job.kind), record.params["identity"]["model"],
-                                                     record.params["identity"]["sha"]))
+    record.counts["attempt_log"] = previous_attempts + [
+        {
+            "attempt": record.counts["attempts"],
+            "shards_computed": computed["shards_computed"],
+            "shards_failed": computed["shards_failed"],
+            "wall_seconds": time.monotonic() - started,
+        }
+    ]
+    record.counts["outputs"] = str(
+        results.model_dir(
+            store, _main_table(job.kind), record.params["identity"]["model"], record.params["identity"]["sha"]
+        )
+    )
     if computed["shards_failed"]:
         failed = ", ".join(f"{k}: {v}" for k, v in list(computed["failed"].items())[:3])
-        record.finish(store, "partial", f"{computed['shards_failed']} shard(s) failed after retries ({failed}); "
-                                        "rerun the same command to retry them")
+        record.finish(
+            store,
+            "partial",
+            f"{computed['shards_failed']} shard(s) failed after retries ({failed}); "
+            "rerun the same command to retry them",
+        )
     else:
         record.finish(store, "completed")
     return record
 
 
 # ---------------------------------------------------------------------------------------------- flows
+
 
 def _pipeline(job: Job) -> RunRecord:
     started = time.monotonic()
@@ -277,13 +359,18 @@ def run_job(job: Job) -> RunRecord:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+
 def _main_table(kind: str) -> str:
     return "embeddings" if kind == "embed" else "structures"
 
 
 # The expression that names one row of a result table for one sequence: what "already computed" is keyed on.
-ROW_KEYS = {"embeddings": "CAST(layer AS VARCHAR) || ':' || pooling", "residue_embeddings": "CAST(layer AS VARCHAR)",
-            "contacts": "'contacts'", "structures": "'structure'"}
+ROW_KEYS = {
+    "embeddings": "CAST(layer AS VARCHAR) || ':' || pooling",
+    "residue_embeddings": "CAST(layer AS VARCHAR)",
+    "contacts": "'contacts'",
+    "structures": "'structure'",
+}
 
 
 def _tables(job: Job) -> list[str]:
@@ -291,8 +378,11 @@ def _tables(job: Job) -> list[str]:
     if job.kind == "fold":
         return ["structures"]
     options = job.engine_options
-    return ["embeddings"] + (["residue_embeddings"] if options.get("per_residue") else []) + (
-        ["contacts"] if options.get("contacts") else [])
+    return (
+        ["embeddings"]
+        + (["residue_embeddings"] if options.get("per_residue") else [])
+        + (["contacts"] if options.get("contacts") else [])
+    )
 
 
 def _required_keys(table: str, identity: dict) -> list[str]:
@@ -306,7 +396,9 @@ def _required_keys(table: str, identity: dict) -> list[str]:
 def _row_key(rows: pa.Table, table: str) -> pa.Array:
     """The ROW_KEYS value of each row, computed with Arrow for a shard's output."""
     if table == "embeddings":
-        return pc.binary_join_element_wise(pc.cast(rows.column("layer"), pa.string()), rows.column("pooling"), ":")
+        return pc.binary_join_element_wise(
+            pc.cast(rows.column("layer"), pa.string()), rows.column("pooling"), ":"
+        )
     if table == "residue_embeddings":
         return pc.cast(rows.column("layer"), pa.string())
     return pa.array(["contacts" if table == "contacts" else "structure"] * rows.num_rows, pa.string())
@@ -316,29 +408,48 @@ def _done_hashes(store: Store, job: Job, identity: dict) -> pa.Array:
     """Sequences with every row this job would write already in the store, for this model's weights."""
     done = None
     for table in _tables(job):
-        hashes = results.computed_hashes(store, table, identity["model"], identity["sha"], ROW_KEYS[table],
-                                         _required_keys(table, identity))
+        hashes = results.computed_hashes(
+            store, table, identity["model"], identity["sha"], ROW_KEYS[table], _required_keys(table, identity)
+        )
         done = hashes if done is None else done.filter(pc.is_in(done, value_set=hashes))
     return done
 
 
 def _check_same_run(record: RunRecord, job: Job, ingest_run: str, identity: dict) -> None:
     """Resuming is only for the same work: refuse a run id that holds other inputs, options or weights."""
+
     def canonical(value: object) -> str:
         return json.dumps(value, sort_keys=True, default=str)
 
-    differences = [name for name, old, new in (
-        ("kind", record.kind, job.kind), ("inputs", record.params.get("ingest_run"), ingest_run),
-        ("options", canonical(record.params.get("engine_options")), canonical(job.engine_options)),
-        ("weights", record.params.get("identity", {}).get("sha"), identity["sha"])) if old != new]
+    differences = [
+        name
+        for name, old, new in (
+            ("kind", record.kind, job.kind),
+            ("inputs", record.params.get("ingest_run"), ingest_run),
+            ("options", canonical(record.params.get("engine_options")), canonical(job.engine_options)),
+            ("weights", record.params.get("identity", {}).get("sha"), identity["sha"]),
+        )
+        if old != new
+    ]
     if differences:
-        raise RunFailed(f"run {record.run_id} already holds other {', '.join(differences)}; choose another --run-id")
+        raise RunFailed(
+            f"run {record.run_id} already holds other {', '.join(differences)}; choose another --run-id"
+        )
 
 
 def _run_id(job: Job, ingest_run: str, identity: dict) -> str:
     """Same inputs, model weights and options -> same run id, so a rerun resumes instead of starting over."""
-    key = json.dumps({"kind": job.kind, "ingest": ingest_run, "model": identity["model"], "sha": identity["sha"],
-                      "options": job.engine_options}, sort_keys=True, default=str)
+    key = json.dumps(
+        {
+            "kind": job.kind,
+            "ingest": ingest_run,
+            "model": identity["model"],
+            "sha": identity["sha"],
+            "options": job.engine_options,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return f"{job.kind}-{hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16]}"
 
 
@@ -360,38 +471,79 @@ def _done_shards(store: Store, run_id: str) -> set[int]:
     return done
 
 
-def _write_shard_record(store: Store, run_id: str, shard_id: int, status: str, attempt: int, tries: int,
-                        sequences: int, residues: int, errors: int, fallbacks: int, seconds: float, worker: str,
-                        error: str) -> None:
+def _write_shard_record(
+    store: Store,
+    run_id: str,
+    shard_id: int,
+    status: str,
+    attempt: int,
+    tries: int,
+    sequences: int,
+    residues: int,
+    errors: int,
+    fallbacks: int,
+    seconds: float,
+    worker: str,
+    error: str,
+) -> None:
     """The shard's record, written after its outputs: its status ``done`` is what resume trusts."""
-    row = {"shard_id": shard_id, "status": status, "attempt": attempt, "tries": tries, "sequences": sequences,
-           "residues": residues, "errors": errors, "fallbacks": fallbacks, "seconds": seconds, "worker": worker,
-           "finished_at": utcnow(), "error": error}
+    row = {
+        "shard_id": shard_id,
+        "status": status,
+        "attempt": attempt,
+        "tries": tries,
+        "sequences": sequences,
+        "residues": residues,
+        "errors": errors,
+        "fallbacks": fallbacks,
+        "seconds": seconds,
+        "worker": worker,
+        "finished_at": utcnow(),
+        "error": error,
+    }
     table = pa.Table.from_pylist([row], schema=SHARD_SCHEMA)
-    write_table_atomic(_shard_dir(store, run_id) / f"shard-{shard_id:05d}.parquet", table, "shard",
-                       {"run_id": run_id})
+    write_table_atomic(
+        _shard_dir(store, run_id) / f"shard-{shard_id:05d}.parquet", table, "shard", {"run_id": run_id}
+    )
 
 
 def _member_index(store: Store, ingest_run: str) -> pa.Table:
     files = list(store.run_dir("members", ingest_run).glob("*.parquet"))
     if not files:
-        return pa.table({"record_index": pa.array([], pa.int64()), "seq_id": pa.array([], pa.string()),
-                         "description": pa.array([], pa.string()), "source": pa.array([], pa.string()),
-                         "seq_hash": pa.array([], pa.string()), "length": pa.array([], pa.int32())})
-    return pa.concat_tables(pq.read_table(f, columns=["record_index", "seq_id", "description", "source",
-                                                      "seq_hash", "length"]) for f in files)
+        return pa.table(
+            {
+                "record_index": pa.array([], pa.int64()),
+                "seq_id": pa.array([], pa.string()),
+                "description": pa.array([], pa.string()),
+                "source": pa.array([], pa.string()),
+                "seq_hash": pa.array([], pa.string()),
+                "length": pa.array([], pa.int32()),
+            }
+        )
+    return pa.concat_tables(
+        pq.read_table(f, columns=["record_index", "seq_id", "description", "source", "seq_hash", "length"])
+        for f in files
+    )
 
 
-def _write_rejections(store: Store, run_id: str, shard_id: int, errors: list[tuple[str, str]],
-                      members: pa.Table) -> None:
+def _write_rejections(
+    store: Store, run_id: str, shard_id: int, errors: list[tuple[str, str]], members: pa.Table
+) -> None:
     """Each record whose sequence always failed becomes a rejected row of this run, with the error."""
     reasons = dict(errors)
     rows = members.filter(pc.is_in(members.column("seq_hash"), value_set=pa.array(list(reasons))))
-    table = pa.table({
-        "record_index": rows.column("record_index"), "seq_id": rows.column("seq_id"),
-        "description": rows.column("description"), "source": rows.column("source"),
-        "rule": pa.array(["compute_error"] * rows.num_rows),
-        "reason": pa.array([reasons[h] for h in rows.column("seq_hash").to_pylist()]),
-        "length": rows.column("length")}, schema=REJECTED_SCHEMA)
-    write_table_atomic(_rejections_path(store, run_id, shard_id), table, "rejected",
-                       {"run_id": run_id, "shard_id": shard_id})
+    table = pa.table(
+        {
+            "record_index": rows.column("record_index"),
+            "seq_id": rows.column("seq_id"),
+            "description": rows.column("description"),
+            "source": rows.column("source"),
+            "rule": pa.array(["compute_error"] * rows.num_rows),
+            "reason": pa.array([reasons[h] for h in rows.column("seq_hash").to_pylist()]),
+            "length": rows.column("length"),
+        },
+        schema=REJECTED_SCHEMA,
+    )
+    write_table_atomic(
+        _rejections_path(store, run_id, shard_id), table, "rejected", {"run_id": run_id, "shard_id": shard_id}
+    )

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import ParquetSink, Store
 
-PLAN_SCHEMA = pa.schema([("shard_id", pa.int32()), ("seq_hash", pa.string()), ("length", pa.int32()),
-                         ("sequence", pa.string())])
+PLAN_SCHEMA = pa.schema(
+    [("shard_id", pa.int32()), ("seq_hash", pa.string()), ("length", pa.int32()), ("sequence", pa.string())]
+)
 SHARDS_PER_WORKER = 4
 MAX_SHARD_SEQUENCES = 2048
 
@@ -91,14 +92,17 @@ def pending_sequences(store: Store, run_ids: list[str], done: pa.Array, skip: pa
     con.register("done_hashes", pa.table({"seq_hash": done}))
     con.register("skip_hashes", pa.table({"seq_hash": skip}))
     sequences = store.files("sequences")
-    return fetch_arrow(con, f"""
+    return fetch_arrow(
+        con,
+        f"""
         WITH wanted AS (SELECT DISTINCT seq_hash FROM read_parquet({file_list(members)}))
         SELECT s.seq_hash, s.length, s.sequence
         FROM read_parquet({file_list(sequences)}) s SEMI JOIN wanted USING (seq_hash)
         WHERE s.seq_hash NOT IN (SELECT seq_hash FROM done_hashes)
           AND s.seq_hash NOT IN (SELECT seq_hash FROM skip_hashes)
         ORDER BY s.length DESC, s.seq_hash
-    """)
+    """,
+    )
 
 
 def write_plan(store: Store, run_id: str, todo: pa.Table, cost: Callable[[int], float], workers: int) -> Plan:

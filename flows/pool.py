@@ -53,8 +53,12 @@ class ActorPool:
         self.options = options
         threads = max(1, int(options.cpus_per_worker))
         env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
-        actor_options: dict = {"num_cpus": options.cpus_per_worker, "num_gpus": options.gpus_per_worker,
-                               "max_restarts": 0, "max_concurrency": 1}
+        actor_options: dict = {
+            "num_cpus": options.cpus_per_worker,
+            "num_gpus": options.gpus_per_worker,
+            "max_restarts": 0,
+            "max_concurrency": 1,
+        }
         if env:
             actor_options["runtime_env"] = {"env_vars": env}
         if options.spread:
@@ -68,8 +72,10 @@ class ActorPool:
         try:
             identities = ray.get([a.identity.remote() for a in self.actors], timeout=timeout)
         except GetTimeoutError:
-            raise WorkerStartError(f"workers did not load the model within {timeout:.0f} s: are the requested "
-                               "CPUs/GPUs available in the Ray cluster?") from None
+            raise WorkerStartError(
+                f"workers did not load the model within {timeout:.0f} s: are the requested "
+                "CPUs/GPUs available in the Ray cluster?"
+            ) from None
         except RayTaskError as exc:
             raise WorkerStartError(f"a worker failed to load the model: {exc.cause}") from None
         except RayActorError as exc:
@@ -83,8 +89,14 @@ class ActorPool:
     def placements(self) -> list[dict]:
         return ray.get([a.where.remote() for a in self.actors])
 
-    def run(self, shard_ids: list[int], items: Callable[[int], list], run_id: str,
-            on_done: Callable[[int, object, dict], None], on_tick: Callable[[], None] | None = None) -> DispatchReport:
+    def run(
+        self,
+        shard_ids: list[int],
+        items: Callable[[int], list],
+        run_id: str,
+        on_done: Callable[[int, object, dict], None],
+        on_tick: Callable[[], None] | None = None,
+    ) -> DispatchReport:
         """Dispatch shards (in the given order) to free actors; ``on_done(shard, output, meta)`` per result."""
         report = DispatchReport()
         queue = deque(shard_ids)
@@ -117,8 +129,11 @@ class ActorPool:
                         report.failed[shard] = error
                     continue
                 idle.append(slot)
-                on_done(shard, output, {"attempts": attempts[shard], "seconds": time.monotonic() - started,
-                                        "slot": slot})
+                on_done(
+                    shard,
+                    output,
+                    {"attempts": attempts[shard], "seconds": time.monotonic() - started, "slot": slot},
+                )
                 report.computed.append(shard)
         return report
 

@@ -14,10 +14,24 @@ from storage.runs import RunRecord
 
 
 @flow(name="proteoflow-scheduled-fold")
-def scheduled_fold(incoming: str, store: str, model: str = "facebook/esmfold_v1", max_length: int | None = 1000,
-                   ray_address: str | None = None, workers: int | None = None) -> RunRecord:
+def scheduled_fold(
+    incoming: str,
+    store: str,
+    model: str = "facebook/esmfold_v1",
+    max_length: int | None = 1000,
+    ray_address: str | None = None,
+    workers: int | None = None,
+) -> RunRecord:
     """Fold every new sequence of the FASTA files under ``incoming``."""
-    job = Job(kind="fold", store=store, inputs=[incoming], model=model, max_length=max_length,
-              ray_address=ray_address, pool=PoolOptions(workers=workers), progress=False,
-              engine_options={"chunk_size": "auto"})
+    job = Job(
+        kind="fold",
+        store=store,
+        inputs=[incoming],
+        model=model,
+        max_length=max_length,
+        ray_address=ray_address,
+        pool=PoolOptions(workers=workers),
+        progress=False,
+        engine_options={"chunk_size": "auto"},
+    )
     return fold_flow(job)

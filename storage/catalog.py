@@ -20,6 +20,7 @@ READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "RELATION"}
 VECTOR_TABLES = ("embeddings", "residue_embeddings")
 HIVE_TABLES = ("members", "rejected", "shards")
 
+
 def _duckdb_type(kind: pa.DataType) -> str:
     """The DuckDB type a view exposes for an Arrow column type (vectors as FLOAT[] / FLOAT[][])."""
     if pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
@@ -28,8 +29,13 @@ def _duckdb_type(kind: pa.DataType) -> str:
         return "FLOAT" if kind.bit_width <= 32 else "DOUBLE"
     if pa.types.is_timestamp(kind):
         return "TIMESTAMPTZ"
-    return {pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
-            pa.bool_(): "BOOLEAN"}[kind]
+    return {
+        pa.string(): "VARCHAR",
+        pa.int16(): "SMALLINT",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.bool_(): "BOOLEAN",
+    }[kind]
 
 
 def _empty_views() -> dict[str, str]:
@@ -44,10 +50,17 @@ def _empty_views() -> dict[str, str]:
     )
     from storage.runs import RUN_SCHEMA, SHARD_SCHEMA
 
-    schemas = {"sequences": SEQUENCE_SCHEMA, "members": MEMBER_SCHEMA, "rejected": REJECTED_SCHEMA,
-               "runs": RUN_SCHEMA, "shards": SHARD_SCHEMA, "embeddings": embeddings_schema(1),
-               "residue_embeddings": residue_embeddings_schema(1), "contacts": CONTACTS_SCHEMA,
-               "structures": STRUCTURES_SCHEMA}
+    schemas = {
+        "sequences": SEQUENCE_SCHEMA,
+        "members": MEMBER_SCHEMA,
+        "rejected": REJECTED_SCHEMA,
+        "runs": RUN_SCHEMA,
+        "shards": SHARD_SCHEMA,
+        "embeddings": embeddings_schema(1),
+        "residue_embeddings": residue_embeddings_schema(1),
+        "contacts": CONTACTS_SCHEMA,
+        "structures": STRUCTURES_SCHEMA,
+    }
     views = {}
     for table, schema in schemas.items():
         columns = [f"NULL::{_duckdb_type(f.type)} AS {f.name}" for f in schema]
@@ -104,7 +117,9 @@ def _vector_views(name: str, files: list[Path], per_residue: bool) -> list[str]:
     if len(by_dim) > 1:
         # Vectors of different widths cannot share one FLOAT[D] column: the umbrella view keeps FLOAT[].
         parts = " UNION ALL BY NAME ".join(
-            f"SELECT * REPLACE (embedding::FLOAT[]{suffix} AS embedding) FROM {name}_d{dim}" for dim in sorted(by_dim))
+            f"SELECT * REPLACE (embedding::FLOAT[]{suffix} AS embedding) FROM {name}_d{dim}"
+            for dim in sorted(by_dim)
+        )
         statements.append(f"CREATE OR REPLACE VIEW {name} AS {parts}")
     return statements
 
@@ -125,15 +140,19 @@ def view_statements(root: str | Path) -> list[str]:
             hive = table in HIVE_TABLES
             options = ", hive_partitioning=true, hive_types={'run_id': VARCHAR}" if hive else ""
             columns = "run_id, * EXCLUDE (run_id)" if hive else "*"
-            statements.append(f"CREATE OR REPLACE VIEW {table} AS SELECT {columns} FROM "
-                              f"read_parquet({file_list(files)}, union_by_name=true{options})")
+            statements.append(
+                f"CREATE OR REPLACE VIEW {table} AS SELECT {columns} FROM "
+                f"read_parquet({file_list(files)}, union_by_name=true{options})"
+            )
     return statements
 
 
 def open_catalog(root: str | Path) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB with one view per store table."""
     if not Store(root).exists():
-        raise FileNotFoundError(f"{root}: not a proteoflow store (no proteoflow.json); run `proteoflow ingest` first")
+        raise FileNotFoundError(
+            f"{root}: not a proteoflow store (no proteoflow.json); run `proteoflow ingest` first"
+        )
     con = duckdb.connect(":memory:")
     for statement in view_statements(root):
         con.execute(statement)
@@ -143,10 +162,14 @@ def open_catalog(root: str | Path) -> duckdb.DuckDBPyConnection:
 def refresh_catalog(root: str | Path) -> dict[str, int]:
     """Check every view answers, and write ``catalog.sql`` so any DuckDB client can `.read` the same views."""
     con = open_catalog(root)
-    counts = {name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
-              for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    counts = {
+        name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+        for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+    }
     header = "-- proteoflow views over this store's Parquet files; in the duckdb CLI: .read catalog.sql\n"
-    write_bytes_atomic(Path(root) / "catalog.sql", (header + ";\n".join(view_statements(root)) + ";\n").encode())
+    write_bytes_atomic(
+        Path(root) / "catalog.sql", (header + ";\n".join(view_statements(root)) + ";\n").encode()
+    )
     return counts
 
 

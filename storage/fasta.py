@@ -66,7 +66,9 @@ def resolve_sources(inputs: list[str]) -> tuple[list[Source], list[str]]:
                 if child.is_file():
                     (found if is_fasta_name(child) else skipped).append(str(child))
             if not found:
-                raise InputError(f"{item}: directory holds no FASTA files (looked for {', '.join(FASTA_SUFFIXES)}, optionally .gz)")
+                raise InputError(
+                    f"{item}: directory holds no FASTA files (looked for {', '.join(FASTA_SUFFIXES)}, optionally .gz)"
+                )
             sources.extend(Source(f) for f in found)
             continue
         if not path.exists():
@@ -98,7 +100,9 @@ def _read_blocks(stream: BinaryIO, name: str) -> Iterator[bytes]:
         try:
             block = stream.read(BLOCK_SIZE)
         except EOFError:
-            raise InputError(f"{name}: truncated gzip: the compressed stream ends before its end marker") from None
+            raise InputError(
+                f"{name}: truncated gzip: the compressed stream ends before its end marker"
+            ) from None
         except (gzip.BadGzipFile, zlib.error) as exc:
             raise InputError(f"{name}: corrupt gzip data ({exc})") from None
         except OSError as exc:
@@ -117,7 +121,9 @@ def _check_start(data: bytes, name: str) -> bytes:
         return stripped
     first_line = stripped.split(b"\n", 1)[0][:60].decode("utf-8", "replace").rstrip()
     if stripped.startswith(b"@"):
-        raise InputError(f"{name}: looks like FASTQ (first record starts with '@'); proteoflow reads protein FASTA")
+        raise InputError(
+            f"{name}: looks like FASTQ (first record starts with '@'); proteoflow reads protein FASTA"
+        )
     raise InputError(f"{name}: not FASTA: text before the first '>' (line starts {first_line!r})")
 
 
@@ -168,7 +174,9 @@ def is_plain_file(source: Source) -> bool:
         return fh.read(2) != GZIP_MAGIC
 
 
-def plan_file_chunks(source: Source, on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[int, int]]:
+def plan_file_chunks(
+    source: Source, on_bytes: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, int]]:
     """``(offset, length)`` of the chunks :func:`iter_record_chunks` would yield for a plain file, found by
     seeking to each chunk's target end and reading only until the next record boundary."""
     size = os.path.getsize(source.name)
@@ -229,7 +237,11 @@ def parse_headers(headers: list[bytes]) -> tuple[pa.Array, pa.Array]:
     ids = [w[0] if w else b"" for w in words]
     descriptions = [w[1] if len(w) == 2 else b"" for w in words]
     try:
-        return pa.array(ids, pa.binary()).cast(pa.string()), pa.array(descriptions, pa.binary()).cast(pa.string())
+        return pa.array(ids, pa.binary()).cast(pa.string()), pa.array(descriptions, pa.binary()).cast(
+            pa.string()
+        )
     except pa.ArrowInvalid:
-        return (pa.array([x.decode("utf-8", "replace") for x in ids], pa.string()),
-                pa.array([x.decode("utf-8", "replace") for x in descriptions], pa.string()))
+        return (
+            pa.array([x.decode("utf-8", "replace") for x in ids], pa.string()),
+            pa.array([x.decode("utf-8", "replace") for x in descriptions], pa.string()),
+        )

@@ -163,9 +163,15 @@ def _sorted_unique(table: pa.Table) -> pa.Table:
     return table.filter(keep)
 
 
-def ingest(store: Store, inputs: list[str], run_id: str | None = None, min_length: int | None = None,
-           max_length: int | None = None, progress: ProgressFn | None = None,
-           workers: int | None = None) -> IngestResult:
+def ingest(
+    store: Store,
+    inputs: list[str],
+    run_id: str | None = None,
+    min_length: int | None = None,
+    max_length: int | None = None,
+    progress: ProgressFn | None = None,
+    workers: int | None = None,
+) -> IngestResult:
     """Ingest FASTA inputs into the store; see the module docstring for how.
 
     The run id defaults to a digest of the input content and parameters, so ingesting the same input
@@ -197,8 +203,16 @@ def _remove_new_store(store: Store, existed: bool) -> None:
             pass
 
 
-def _ingest(store: Store, sources: list[Source], skipped: list[str], run_id: str | None, min_length: int | None,
-            max_length: int | None, progress: ProgressFn | None, workers: int) -> IngestResult:
+def _ingest(
+    store: Store,
+    sources: list[Source],
+    skipped: list[str],
+    run_id: str | None,
+    min_length: int | None,
+    max_length: int | None,
+    progress: ProgressFn | None,
+    workers: int,
+) -> IngestResult:
     store.ensure()
     params = {"inputs": [s.name for s in sources], "min_length": min_length, "max_length": max_length}
     with staging(store, "ingest") as scratch:
@@ -210,7 +224,9 @@ def _ingest(store: Store, sources: list[Source], skipped: list[str], run_id: str
         if previous is not None and previous.status == "completed":
             pass1.abort()
             if previous.params.get("input_digest") != digest:
-                raise InputError(f"run id {run_id!r} already holds a different input; choose another --run-id")
+                raise InputError(
+                    f"run id {run_id!r} already holds a different input; choose another --run-id"
+                )
             return IngestResult(run_id, previous.counts, already_ingested=True, skipped_files=skipped)
         record = RunRecord(run_id=run_id, kind="ingest", params=params)
         counts = _dedup_and_commit(store, scratch, pass1, run_id, record)
@@ -253,9 +269,14 @@ def _ordered_map(tasks: Iterator[tuple[Callable, tuple]], workers: int) -> Itera
             yield fn(*args)
         return
     # fork is cheapest (no re-imports) but only safe while this process has no other threads; else spawn.
-    method = "fork" if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                               initializer=_tune_worker_allocator)
+    method = (
+        "fork"
+        if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+        else "spawn"
+    )
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), initializer=_tune_worker_allocator
+    )
     try:
         pending: deque = deque()
         for fn, args in tasks:
@@ -283,13 +304,25 @@ def default_workers(sources: list[Source]) -> int:
     return cpus if any(s.is_stdin for s in sources) or total >= PARALLEL_MIN_BYTES else 0
 
 
-def _stream_records(scratch: Path, sources: list[Source], min_length: int | None, max_length: int | None,
-                    progress: ProgressFn | None, workers: int) -> _Pass1:
+def _stream_records(
+    scratch: Path,
+    sources: list[Source],
+    min_length: int | None,
+    max_length: int | None,
+    progress: ProgressFn | None,
+    workers: int,
+) -> _Pass1:
     """Pass 1: read every record once, write members/rejected to staging and spill sequences by hash."""
     members_sink = ParquetSink(scratch / ".members.parquet", MEMBER_SCHEMA, "members", background=True)
     rejected_sink = ParquetSink(scratch / ".rejected.parquet", REJECTED_SCHEMA, "rejected")
-    state = _Pass1(members_sink, rejected_sink, _Spill(scratch), hashlib.sha1(usedforsecurity=False),
-                   Counter(), Counter())
+    state = _Pass1(
+        members_sink,
+        rejected_sink,
+        _Spill(scratch),
+        hashlib.sha1(usedforsecurity=False),
+        Counter(),
+        Counter(),
+    )
     seen: set[str] = set()
     bytes_read = records = 0
     last_report = time.monotonic()
@@ -349,7 +382,9 @@ def _stream_records(scratch: Path, sources: list[Source], min_length: int | None
     except BaseException:
         state.abort()
         raise
-    state.counts.update(records=records, bytes=bytes_read, accepted=members_sink.rows, rejected=rejected_sink.rows)
+    state.counts.update(
+        records=records, bytes=bytes_read, accepted=members_sink.rows, rejected=rejected_sink.rows
+    )
     if progress is not None:
         progress({"records": records, "bytes": bytes_read, "source": "", "done": True})
     return state
@@ -394,7 +429,9 @@ def _dedup_and_commit(store: Store, scratch: Path, pass1: _Pass1, run_id: str, r
     # below, so it must not count as "already in the store".
     existing = StoreHashes([p for p in store.files("sequences") if p != final_seq])
     provenance = {"run_id": run_id, "inputs": record.params["inputs"]}
-    seq_sink = ParquetSink(final_seq, SEQUENCE_SCHEMA, "sequences", provenance, row_group_rows=SEQUENCE_ROW_GROUP_ROWS)
+    seq_sink = ParquetSink(
+        final_seq, SEQUENCE_SCHEMA, "sequences", provenance, row_group_rows=SEQUENCE_ROW_GROUP_ROWS
+    )
     distinct = new = new_residues = 0
     try:
         for bucket in range(BUCKETS):
@@ -417,11 +454,16 @@ def _dedup_and_commit(store: Store, scratch: Path, pass1: _Pass1, run_id: str, r
         pass1.abort()
         raise
     counts = dict(pass1.counts)
-    counts.update({
-        "distinct": distinct, "duplicates": counts["accepted"] - distinct, "new_sequences": new,
-        "already_in_store": distinct - new, "new_residues": new_residues,
-        "rejected_by_rule": dict(sorted(pass1.rejected_by_rule.items())),
-    })
+    counts.update(
+        {
+            "distinct": distinct,
+            "duplicates": counts["accepted"] - distinct,
+            "new_sequences": new,
+            "already_in_store": distinct - new,
+            "new_residues": new_residues,
+            "rejected_by_rule": dict(sorted(pass1.rejected_by_rule.items())),
+        }
+    )
     if new:
         seq_sink.commit()
     else:

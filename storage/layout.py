@@ -31,8 +31,17 @@ ROW_GROUP_ROWS = 65_536
 class Store:
     """A directory holding the Parquet tables of one proteoflow store."""
 
-    TABLES = ("sequences", "members", "rejected", "runs", "shards", "embeddings", "residue_embeddings", "contacts",
-              "structures")
+    TABLES = (
+        "sequences",
+        "members",
+        "rejected",
+        "runs",
+        "shards",
+        "embeddings",
+        "residue_embeddings",
+        "contacts",
+        "structures",
+    )
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -143,15 +152,27 @@ def file_metadata(kind: str, provenance: dict) -> dict[bytes, bytes]:
 class ParquetSink:
     """Incremental Parquet writer: buffers rows into large row groups, writes zstd, commits by rename."""
 
-    def __init__(self, path: Path, schema: pa.Schema, kind: str, provenance: dict | None = None,
-                 row_group_rows: int = ROW_GROUP_ROWS, background: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        schema: pa.Schema,
+        kind: str,
+        provenance: dict | None = None,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        background: bool = False,
+    ) -> None:
         self.final = path
         self.temp = path if path.name.startswith(".") else _temp_name(path)
         self.temp.parent.mkdir(parents=True, exist_ok=True)
         self.schema = schema.with_metadata(file_metadata(kind, provenance or {}))
         self.row_group_rows = row_group_rows
-        self._writer = pq.ParquetWriter(self.temp, self.schema, compression=COMPRESSION,
-                                        compression_level=COMPRESSION_LEVEL, write_statistics=True)
+        self._writer = pq.ParquetWriter(
+            self.temp,
+            self.schema,
+            compression=COMPRESSION,
+            compression_level=COMPRESSION_LEVEL,
+            write_statistics=True,
+        )
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self.rows = 0
@@ -182,7 +203,9 @@ class ParquetSink:
                 self._writer.write_table(table, row_group_size=self.row_group_rows)
                 return
             self._wait()
-            self._inflight = self._thread.submit(self._writer.write_table, table, row_group_size=self.row_group_rows)
+            self._inflight = self._thread.submit(
+                self._writer.write_table, table, row_group_size=self.row_group_rows
+            )
 
     def _wait(self) -> None:
         if self._inflight is not None:

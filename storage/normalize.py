@@ -37,8 +37,9 @@ def normalize(raw: bytes) -> bytes:
     return normalize_many([raw])[0]
 
 
-def find_rejections(seqs: list[bytes], min_length: int | None = None,
-                    max_length: int | None = None) -> dict[int, Rejection]:
+def find_rejections(
+    seqs: list[bytes], min_length: int | None = None, max_length: int | None = None
+) -> dict[int, Rejection]:
     """Indices of the normalized sequences in a block that break a rule, with why; the rest are accepted."""
     suspects = [i for i, s in enumerate(seqs) if not s or s.translate(None, ALPHABET)]
     if min_length is not None or max_length is not None:
@@ -69,7 +70,9 @@ def validate(seq: bytes, min_length: int | None = None, max_length: int | None =
             return Rejection("digit", f"digit '{shown}' at position {pos}")
         if not 32 < char[0] < 127:
             shown = f"\\x{char[0]:02x}"
-        return Rejection("invalid_character", f"character '{shown}' outside the protein alphabet at position {pos}")
+        return Rejection(
+            "invalid_character", f"character '{shown}' outside the protein alphabet at position {pos}"
+        )
     if min_length is not None and len(seq) < min_length:
         return Rejection("too_short", f"length {len(seq)} is below --min-length {min_length}")
     if max_length is not None and len(seq) > max_length:

@@ -15,15 +15,28 @@ import pyarrow.compute as pc
 from storage.fasta import parse_headers, read_chunk
 from storage.normalize import find_rejections, normalize_many
 
-MEMBER_SCHEMA = pa.schema([
-    ("record_index", pa.int64()), ("seq_id", pa.string()), ("description", pa.string()),
-    ("seq_hash", pa.string()), ("length", pa.int32()), ("source", pa.string()),
-])
+MEMBER_SCHEMA = pa.schema(
+    [
+        ("record_index", pa.int64()),
+        ("seq_id", pa.string()),
+        ("description", pa.string()),
+        ("seq_hash", pa.string()),
+        ("length", pa.int32()),
+        ("source", pa.string()),
+    ]
+)
 ACCEPTED_SCHEMA = MEMBER_SCHEMA.append(pa.field("sequence", pa.string()))
-REJECTED_SCHEMA = pa.schema([
-    ("record_index", pa.int64()), ("seq_id", pa.string()), ("description", pa.string()),
-    ("source", pa.string()), ("rule", pa.string()), ("reason", pa.string()), ("length", pa.int32()),
-])
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("record_index", pa.int64()),
+        ("seq_id", pa.string()),
+        ("description", pa.string()),
+        ("source", pa.string()),
+        ("rule", pa.string()),
+        ("reason", pa.string()),
+        ("length", pa.int32()),
+    ]
+)
 
 
 @dataclass
@@ -50,8 +63,9 @@ def _memo(token: str) -> set[str]:
     return _MEMO[token]
 
 
-def process_chunk(chunk: bytes, source: str, min_length: int | None = None, max_length: int | None = None,
-                  token: str = "") -> Block:
+def process_chunk(
+    chunk: bytes, source: str, min_length: int | None = None, max_length: int | None = None, token: str = ""
+) -> Block:
     """Normalize, validate and hash every record of a chunk (records without their leading '>').
 
     ``record_index`` in the result counts from 0 within the chunk; the caller adds the chunk's offset.
@@ -64,11 +78,18 @@ def process_chunk(chunk: bytes, source: str, min_length: int | None = None, max_
     ids, descriptions = parse_headers([p[0] for p in parts])
     rejections = find_rejections(seqs, min_length, max_length)
     rejected_at = pa.array(list(rejections), pa.int64())
-    rejected = pa.RecordBatch.from_pydict({
-        "record_index": rejected_at, "seq_id": ids.take(rejected_at), "description": descriptions.take(rejected_at),
-        "source": [source] * len(rejections), "rule": [r.rule for r in rejections.values()],
-        "reason": [r.reason for r in rejections.values()], "length": [len(seqs[i]) for i in rejections]},
-        schema=REJECTED_SCHEMA)
+    rejected = pa.RecordBatch.from_pydict(
+        {
+            "record_index": rejected_at,
+            "seq_id": ids.take(rejected_at),
+            "description": descriptions.take(rejected_at),
+            "source": [source] * len(rejections),
+            "rule": [r.rule for r in rejections.values()],
+            "reason": [r.reason for r in rejections.values()],
+            "length": [len(seqs[i]) for i in rejections],
+        },
+        schema=REJECTED_SCHEMA,
+    )
     if rejections:
         kept = pa.array([i for i in range(count) if i not in rejections], pa.int64())
         ids, descriptions = ids.take(kept), descriptions.take(kept)
@@ -88,15 +109,36 @@ def process_chunk(chunk: bytes, source: str, min_length: int | None = None, max_
         if len(memo) < MEMO_CAP:
             memo.update(hashes)
         lengths = pc.binary_length(sequences)
-    accepted = pa.RecordBatch.from_pydict({
-        "record_index": kept, "seq_id": ids, "description": descriptions, "seq_hash": hashes,
-        "length": lengths, "source": pa.array([source] * len(seqs), pa.string()),
-        "sequence": sequences}, schema=ACCEPTED_SCHEMA)
-    return Block(source, hashlib.sha1(chunk).digest(), count, accepted, rejected,
-                 pc.sum(accepted.column("length")).as_py() or 0)
+    accepted = pa.RecordBatch.from_pydict(
+        {
+            "record_index": kept,
+            "seq_id": ids,
+            "description": descriptions,
+            "seq_hash": hashes,
+            "length": lengths,
+            "source": pa.array([source] * len(seqs), pa.string()),
+            "sequence": sequences,
+        },
+        schema=ACCEPTED_SCHEMA,
+    )
+    return Block(
+        source,
+        hashlib.sha1(chunk).digest(),
+        count,
+        accepted,
+        rejected,
+        pc.sum(accepted.column("length")).as_py() or 0,
+    )
 
 
-def process_file_chunk(path: str, offset: int, length: int, source: str, min_length: int | None = None,
-                       max_length: int | None = None, token: str = "") -> Block:
+def process_file_chunk(
+    path: str,
+    offset: int,
+    length: int,
+    source: str,
+    min_length: int | None = None,
+    max_length: int | None = None,
+    token: str = "",
+) -> Block:
     """:func:`process_chunk` on a chunk the worker reads itself from a plain file (no bytes shipped to it)."""
     return process_chunk(read_chunk(path, offset, length), source, min_length, max_length, token)

@@ -26,29 +26,62 @@ def vector_type(dim: int, dtype: str = "float32") -> pa.DataType:
 
 
 def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    return pa.schema(IDENTITY + [
-        ("layer", pa.int16()), ("pooling", pa.string()), ("embedding", vector_type(dim, dtype)),
-        ("length", pa.int32()), ("strategy", pa.string()), ("precision", pa.string()),
-    ] + PROVENANCE)
+    return pa.schema(
+        IDENTITY
+        + [
+            ("layer", pa.int16()),
+            ("pooling", pa.string()),
+            ("embedding", vector_type(dim, dtype)),
+            ("length", pa.int32()),
+            ("strategy", pa.string()),
+            ("precision", pa.string()),
+        ]
+        + PROVENANCE
+    )
 
 
 def residue_embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    return pa.schema(IDENTITY + [
-        ("layer", pa.int16()), ("embedding", pa.list_(vector_type(dim, dtype))), ("length", pa.int32()),
-        ("strategy", pa.string()), ("precision", pa.string()),
-    ] + PROVENANCE)
+    return pa.schema(
+        IDENTITY
+        + [
+            ("layer", pa.int16()),
+            ("embedding", pa.list_(vector_type(dim, dtype))),
+            ("length", pa.int32()),
+            ("strategy", pa.string()),
+            ("precision", pa.string()),
+        ]
+        + PROVENANCE
+    )
 
 
-CONTACTS_SCHEMA = pa.schema(IDENTITY + [
-    ("length", pa.int32()), ("contacts", pa.list_(pa.float32())),  # row-major length x length
-] + PROVENANCE)
+CONTACTS_SCHEMA = pa.schema(
+    IDENTITY
+    + [
+        ("length", pa.int32()),
+        ("contacts", pa.list_(pa.float32())),  # row-major length x length
+    ]
+    + PROVENANCE
+)
 
-STRUCTURES_SCHEMA = pa.schema(IDENTITY + [
-    ("mean_plddt", pa.float32()), ("ptm", pa.float32()), ("plddt", pa.list_(pa.float32())),
-    ("pae", pa.list_(pa.float32())), ("pdb", pa.string()), ("cif", pa.string()), ("length", pa.int32()),
-    ("chains", pa.int16()), ("num_recycles", pa.int16()), ("chunk_size", pa.int32()), ("device", pa.string()),
-    ("stem_dtype", pa.string()), ("fallbacks", pa.list_(pa.string())),
-] + PROVENANCE)
+STRUCTURES_SCHEMA = pa.schema(
+    IDENTITY
+    + [
+        ("mean_plddt", pa.float32()),
+        ("ptm", pa.float32()),
+        ("plddt", pa.list_(pa.float32())),
+        ("pae", pa.list_(pa.float32())),
+        ("pdb", pa.string()),
+        ("cif", pa.string()),
+        ("length", pa.int32()),
+        ("chains", pa.int16()),
+        ("num_recycles", pa.int16()),
+        ("chunk_size", pa.int32()),
+        ("device", pa.string()),
+        ("stem_dtype", pa.string()),
+        ("fallbacks", pa.list_(pa.string())),
+    ]
+    + PROVENANCE
+)
 
 
 def safe_name(text: str) -> str:
@@ -79,8 +112,9 @@ def _identity_filter(model: str, sha: str) -> str:
     return f"model = '{model.replace(chr(39), chr(39) * 2)}' AND model_sha = '{sha}'"
 
 
-def computed_hashes(store: Store, table: str, model: str, sha: str, key_sql: str | None = None,
-                    keys: list[str] | None = None) -> pa.Array:
+def computed_hashes(
+    store: Store, table: str, model: str, sha: str, key_sql: str | None = None, keys: list[str] | None = None
+) -> pa.Array:
     """``seq_hash`` values that already have every required row in ``table`` for this model identity.
 
     ``key_sql`` is an expression naming a row kind (e.g. ``layer || ':' || pooling``) and ``keys`` the kinds
@@ -94,8 +128,10 @@ def computed_hashes(store: Store, table: str, model: str, sha: str, key_sql: str
     where = _identity_filter(model, sha)
     if keys:
         wanted = ", ".join("'" + k.replace("'", "''") + "'" for k in keys)
-        sql = (f"SELECT seq_hash FROM {source} WHERE {where} AND ({key_sql}) IN ({wanted}) "
-               f"GROUP BY seq_hash HAVING count(DISTINCT {key_sql}) = {len(set(keys))}")
+        sql = (
+            f"SELECT seq_hash FROM {source} WHERE {where} AND ({key_sql}) IN ({wanted}) "
+            f"GROUP BY seq_hash HAVING count(DISTINCT {key_sql}) = {len(set(keys))}"
+        )
     else:
         sql = f"SELECT DISTINCT seq_hash FROM {source} WHERE {where}"
     return fetch_arrow(con, sql).column(0).combine_chunks()
@@ -109,6 +145,8 @@ def existing_keys(store: Store, table: str, model: str, sha: str, key_sql: str, 
         return set()
     con = duckdb.connect(":memory:")
     con.register("wanted", pa.table({"seq_hash": hashes}))
-    sql = (f"SELECT DISTINCT seq_hash || '/' || ({key_sql}) FROM read_parquet({file_list(files)}) "
-           f"SEMI JOIN wanted USING (seq_hash) WHERE {_identity_filter(model, sha)}")
+    sql = (
+        f"SELECT DISTINCT seq_hash || '/' || ({key_sql}) FROM read_parquet({file_list(files)}) "
+        f"SEMI JOIN wanted USING (seq_hash) WHERE {_identity_filter(model, sha)}"
+    )
     return set(fetch_arrow(con, sql).column(0).to_pylist())

@@ -19,25 +19,37 @@ import pyarrow.parquet as pq
 
 from storage.layout import Store, write_table_atomic
 
-RUN_SCHEMA = pa.schema([
-    ("run_id", pa.string()),
-    ("kind", pa.string()),
-    ("status", pa.string()),
-    ("started_at", pa.timestamp("us", tz="UTC")),
-    ("finished_at", pa.timestamp("us", tz="UTC")),
-    ("params", pa.string()),
-    ("counts", pa.string()),
-    ("versions", pa.string()),
-    ("message", pa.string()),
-])
+RUN_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("kind", pa.string()),
+        ("status", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("params", pa.string()),
+        ("counts", pa.string()),
+        ("versions", pa.string()),
+        ("message", pa.string()),
+    ]
+)
 
 # One record per computed (or failed) shard of a compute run, in shards/run_id=<run>/shard-N.parquet.
-SHARD_SCHEMA = pa.schema([
-    ("shard_id", pa.int32()), ("status", pa.string()), ("attempt", pa.int32()), ("tries", pa.int32()),
-    ("sequences", pa.int32()), ("residues", pa.int64()), ("errors", pa.int32()), ("fallbacks", pa.int32()),
-    ("seconds", pa.float64()), ("worker", pa.string()), ("finished_at", pa.timestamp("us", tz="UTC")),
-    ("error", pa.string()),
-])
+SHARD_SCHEMA = pa.schema(
+    [
+        ("shard_id", pa.int32()),
+        ("status", pa.string()),
+        ("attempt", pa.int32()),
+        ("tries", pa.int32()),
+        ("sequences", pa.int32()),
+        ("residues", pa.int64()),
+        ("errors", pa.int32()),
+        ("fallbacks", pa.int32()),
+        ("seconds", pa.float64()),
+        ("worker", pa.string()),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("error", pa.string()),
+    ]
+)
 
 STATUSES = ("running", "completed", "partial", "failed", "interrupted")
 
@@ -73,8 +85,11 @@ class RunRecord:
 
     def to_table(self) -> pa.Table:
         row = {
-            "run_id": [self.run_id], "kind": [self.kind], "status": [self.status],
-            "started_at": [self.started_at], "finished_at": [self.finished_at],
+            "run_id": [self.run_id],
+            "kind": [self.kind],
+            "status": [self.status],
+            "started_at": [self.started_at],
+            "finished_at": [self.finished_at],
             "params": [json.dumps(self.params, sort_keys=True, default=str)],
             "counts": [json.dumps(self.counts, sort_keys=True, default=str)],
             "versions": [json.dumps(self.versions, sort_keys=True)],
@@ -86,8 +101,9 @@ class RunRecord:
         """Write (or replace) this run's record atomically."""
         if self.status not in STATUSES:
             raise ValueError(f"unknown run status {self.status!r}")
-        write_table_atomic(run_path(store, self.run_id), self.to_table(), "run",
-                           {"run_id": self.run_id, "argv": sys.argv})
+        write_table_atomic(
+            run_path(store, self.run_id), self.to_table(), "run", {"run_id": self.run_id, "argv": sys.argv}
+        )
 
     def finish(self, store: Store, status: str, message: str = "") -> None:
         self.status, self.message, self.finished_at = status, message, utcnow()
@@ -105,7 +121,13 @@ def load_run(store: Store, run_id: str) -> RunRecord | None:
         return None
     row = pq.read_table(path).to_pylist()[0]
     return RunRecord(
-        run_id=row["run_id"], kind=row["kind"], status=row["status"], started_at=row["started_at"],
-        finished_at=row["finished_at"], params=json.loads(row["params"]), counts=json.loads(row["counts"]),
-        versions=json.loads(row["versions"]), message=row["message"] or "",
+        run_id=row["run_id"],
+        kind=row["kind"],
+        status=row["status"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        params=json.loads(row["params"]),
+        counts=json.loads(row["counts"]),
+        versions=json.loads(row["versions"]),
+        message=row["message"] or "",
     )

@@ -46,8 +46,9 @@ def read_fasta_records(path: Path) -> list[tuple[str, str]]:
     return records
 
 
-def write_slice(src: Path, dest: Path, start: int = 0, count: int = 100, step: int = 1,
-                max_length: int | None = None) -> Path:
+def write_slice(
+    src: Path, dest: Path, start: int = 0, count: int = 100, step: int = 1, max_length: int | None = None
+) -> Path:
     """Write a deterministic slice of a real FASTA file (every ``step``-th record from ``start``)."""
     picked = []
     for header, seq in read_fasta_records(require_shared(src))[start::step]:
@@ -59,12 +60,19 @@ def write_slice(src: Path, dest: Path, start: int = 0, count: int = 100, step: i
     return dest
 
 
-def run_cli(*args: str, input: bytes | None = None, env: dict | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, input: bytes | None = None, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the real ``proteoflow`` entry point in a subprocess, as a user's shell would."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], input=input, capture_output=True,
-                          env=full_env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        input=input,
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="session")

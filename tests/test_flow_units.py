@@ -34,7 +34,12 @@ def test_models_lists_known_names() -> None:
     result = run_cli("models", "--format", "json")
     assert result.returncode == 0
     names = {row["name"] for row in json.loads(result.stdout)}
-    assert {"esm2_t6_8M_UR50D", "esm2_t48_15B_UR50D", "esm1b_t33_650M_UR50S", "esm1v_t33_650M_UR90S_5"} <= names
+    assert {
+        "esm2_t6_8M_UR50D",
+        "esm2_t48_15B_UR50D",
+        "esm1b_t33_650M_UR50S",
+        "esm1v_t33_650M_UR90S_5",
+    } <= names
 
 
 def test_help_teaches() -> None:

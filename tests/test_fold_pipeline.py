@@ -35,9 +35,16 @@ def fold_inputs(tmp_path_factory) -> list[Path]:
 
 
 def fold_job(store: Path, inputs: list[Path], model: Path, workers: int = 2) -> Job:
-    return Job(kind="fold", store=str(store), inputs=[str(p) for p in inputs], model=str(model), max_length=150,
-               engine_options={"num_recycles": 1, "chunk_size": "auto"},
-               pool=PoolOptions(workers=workers, cpus_per_worker=1, gpus_per_worker=0), progress=False)
+    return Job(
+        kind="fold",
+        store=str(store),
+        inputs=[str(p) for p in inputs],
+        model=str(model),
+        max_length=150,
+        engine_options={"num_recycles": 1, "chunk_size": "auto"},
+        pool=PoolOptions(workers=workers, cpus_per_worker=1, gpus_per_worker=0),
+        progress=False,
+    )
 
 
 def in_process(model: Path, inputs: list[Path]) -> dict[str, tuple[float, float]]:
@@ -51,8 +58,9 @@ def in_process(model: Path, inputs: list[Path]) -> dict[str, tuple[float, float]
     return {r.key: (r.mean_plddt, r.ptm, r.pdb) for r in folder.fold(sorted(items.items()))}
 
 
-def test_fold_flow_equals_in_process_and_exports(prefect_harness, ray_cluster, fold_model, fold_inputs, tmp_path,
-                                                 monkeypatch):
+def test_fold_flow_equals_in_process_and_exports(
+    prefect_harness, ray_cluster, fold_model, fold_inputs, tmp_path, monkeypatch
+):
     monkeypatch.setenv("PROTEOFLOW_KILL_SHARD", "0")  # the actor holding shard 0 dies once: shard retried
     monkeypatch.setenv("PROTEOFLOW_FAULT_DIR", str(tmp_path / "faults"))
     store = tmp_path / "store"
@@ -66,13 +74,21 @@ def test_fold_flow_equals_in_process_and_exports(prefect_harness, ray_cluster, f
         assert 0 <= min(per_residue) and max(per_residue) <= 100
         coords = [line[30:54] for line in pdb.splitlines() if line.startswith("ATOM")]
         ref = [line[30:54] for line in want[h][2].splitlines() if line.startswith("ATOM")]
-        assert np.allclose(np.array([c.split() for c in coords], float), np.array([c.split() for c in ref], float),
-                           atol=1e-3)
+        assert np.allclose(
+            np.array([c.split() for c in coords], float), np.array([c.split() for c in ref], float), atol=1e-3
+        )
     assert query(store, "SELECT seq_id, rule FROM rejected WHERE rule = 'too_long'")[1] == [
-        ("too_long_for_this_run", "too_long")]
-    joined = run_cli("sql", "--store", str(store), "--format", "json",
-                     "SELECT m.seq_id, s.mean_plddt, s.ptm FROM structures s JOIN members m USING (seq_hash) "
-                     "WHERE s.ptm > 0.0")
+        ("too_long_for_this_run", "too_long")
+    ]
+    joined = run_cli(
+        "sql",
+        "--store",
+        str(store),
+        "--format",
+        "json",
+        "SELECT m.seq_id, s.mean_plddt, s.ptm FROM structures s JOIN members m USING (seq_hash) "
+        "WHERE s.ptm > 0.0",
+    )
     assert joined.returncode == 0 and joined.stdout.count(b"seq_id") == len(want)
 
     # resume: the same run again computes nothing
@@ -88,9 +104,26 @@ def test_fold_flow_equals_in_process_and_exports(prefect_harness, ray_cluster, f
         chain = next(PDBParser(QUIET=True).get_structure(path.stem, path)[0].get_chains())
         assert len(list(chain.get_residues())) > 10
     cif_out = tmp_path / "cif"
-    assert run_cli("export-structures", "--store", str(store), "--out", str(cif_out), "--format", "cif",
-                   "--min-plddt", "101").returncode == 0
+    assert (
+        run_cli(
+            "export-structures",
+            "--store",
+            str(store),
+            "--out",
+            str(cif_out),
+            "--format",
+            "cif",
+            "--min-plddt",
+            "101",
+        ).returncode
+        == 0
+    )
     assert not list(cif_out.glob("*.cif"))  # nothing passes pLDDT > 100
-    assert run_cli("export-structures", "--store", str(store), "--out", str(cif_out), "--format", "cif").returncode == 0
+    assert (
+        run_cli(
+            "export-structures", "--store", str(store), "--out", str(cif_out), "--format", "cif"
+        ).returncode
+        == 0
+    )
     first = sorted(cif_out.glob("*.cif"))[0]
     assert MMCIFParser(QUIET=True).get_structure("x", first) is not None

@@ -44,7 +44,9 @@ def test_both_shared_files_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr.decode()
     summary = json.loads(result.stdout)
     assert summary["records"] == 4363 + 1916
-    per_run = sql(store, "SELECT count(*) FROM members")[0][0] + sql(store, "SELECT count(*) FROM rejected")[0][0]
+    per_run = (
+        sql(store, "SELECT count(*) FROM members")[0][0] + sql(store, "SELECT count(*) FROM rejected")[0][0]
+    )
     assert per_run == summary["records"]
     by_source = dict(sql(store, "SELECT source, count(*) FROM members GROUP BY source"))
     assert by_source == {str(ecoli): 4363, str(mag): 1916}
@@ -116,8 +118,12 @@ def test_bad_record_corpus(tmp_path: Path) -> None:
     path.write_text(BAD_RECORDS)
     store = tmp_path / "store"
     result = ingest(Store(store), [str(path)], min_length=3)
-    got = {seq_id: (rule, reason) for seq_id, rule, reason in
-           sql(store, "SELECT seq_id, rule, reason FROM rejected ORDER BY record_index")}
+    got = {
+        seq_id: (rule, reason)
+        for seq_id, rule, reason in sql(
+            store, "SELECT seq_id, rule, reason FROM rejected ORDER BY record_index"
+        )
+    }
     assert got == {
         "empty1": ("empty", "empty sequence"),
         "stop1": ("internal_stop", "internal stop '*' at position 4"),
@@ -136,7 +142,9 @@ def test_bad_record_corpus(tmp_path: Path) -> None:
     long_store = tmp_path / "store2"
     ingest(Store(long_store), [str(path)], max_length=10)
     assert sql(long_store, "SELECT seq_id, reason FROM rejected WHERE rule = 'too_long'") == [
-        ("ok1", "length 11 is above --max-length 10"), ("ok1", "length 11 is above --max-length 10")]
+        ("ok1", "length 11 is above --max-length 10"),
+        ("ok1", "length 11 is above --max-length 10"),
+    ]
 
 
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, bytes]]:
@@ -156,7 +164,9 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, bytes]]:
     preamble = tmp / "preamble.fasta"
     preamble.write_text("# exported by a tool\n>p1\nMKVL\n")
     nucleotide = tmp / "genes.fasta"
-    nucleotide.write_text(">gene1\nATGAAAGTACTGGCAGCAGGTATTGTTGCACTGTAA\n>gene2\nATGCGTAAACTGGTTGCAGCAGGTGCAGGTTAA\n")
+    nucleotide.write_text(
+        ">gene1\nATGAAAGTACTGGCAGCAGGTATTGTTGCACTGTAA\n>gene2\nATGCGTAAACTGGTTGCAGCAGGTGCAGGTTAA\n"
+    )
     return {
         "missing file": (tmp / "nope.fasta", b"no such file"),
         "binary data": (binary, b"binary data"),
@@ -252,8 +262,9 @@ def test_options_and_worker_count_shape_the_run_id_correctly(tmp_path: Path) -> 
     for src, dest in zip((a, b), zipped, strict=True):
         dest.write_bytes(gzip.compress(src.read_bytes()))
     assert ingest(Store(tmp_path / "s3"), [str(z) for z in zipped], workers=2).run_id == plain.run_id
-    assert (sql(tmp_path / "s1", "SELECT record_index, seq_id, seq_hash FROM members ORDER BY 1")
-            == sql(tmp_path / "s2", "SELECT record_index, seq_id, seq_hash FROM members ORDER BY 1"))
+    assert sql(tmp_path / "s1", "SELECT record_index, seq_id, seq_hash FROM members ORDER BY 1") == sql(
+        tmp_path / "s2", "SELECT record_index, seq_id, seq_hash FROM members ORDER BY 1"
+    )
     assert ingest(Store(tmp_path / "s1"), [str(a), str(b)], workers=2).already_ingested
     stricter = ingest(Store(tmp_path / "s1"), [str(a), str(b)], min_length=200)
     assert not stricter.already_ingested and stricter.run_id != plain.run_id

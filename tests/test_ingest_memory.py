@@ -13,9 +13,11 @@ from conftest import ECOLI, ROOT, read_fasta_records, require_shared
 from storage.catalog import query
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
-PEAK = ("import resource, runpy, sys; sys.argv = ['proteoflow'] + sys.argv[1:]\n"
-        "try:\n    runpy.run_module('flows.cli', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
-        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(code)")
+PEAK = (
+    "import resource, runpy, sys; sys.argv = ['proteoflow'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_module('flows.cli', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+    "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\nsys.exit(code)"
+)
 
 
 def generate(path: Path, records: int, offset: int = 0) -> Path:
@@ -30,8 +32,13 @@ def generate(path: Path, records: int, offset: int = 0) -> Path:
 
 
 def ingest_peak_mb(fasta: Path, store: Path) -> tuple[float, dict]:
-    proc = subprocess.run([sys.executable, "-c", PEAK, "ingest", str(fasta), "--store", str(store), "--json"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK, "ingest", str(fasta), "--store", str(store), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     peak_kb = int(next(x.split()[1] for x in proc.stderr.splitlines() if x.startswith("PEAK")))
     return peak_kb / 1024, json.loads(proc.stdout.strip().splitlines()[-1])
@@ -51,4 +58,6 @@ def test_peak_memory_is_flat_and_dedup_holds(tmp_path: Path) -> None:
     overlap = generate(tmp_path / "overlap.fasta", 40_000, offset=340_000)
     _, counts = ingest_peak_mb(overlap, tmp_path / "s2")
     assert counts["already_in_store"] == 20_000 and counts["new_sequences"] == 20_000
-    assert query(tmp_path / "s2", "SELECT count(*), count(DISTINCT seq_hash) FROM sequences")[1] == [(380_000, 380_000)]
+    assert query(tmp_path / "s2", "SELECT count(*), count(DISTINCT seq_hash) FROM sequences")[1] == [
+        (380_000, 380_000)
+    ]

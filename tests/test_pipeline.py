@@ -32,8 +32,10 @@ OPTIONS = {"layers": [-1, 1], "poolings": ["mean", "bos"], "precision": "fp32"}
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> list[Path]:
     tmp = tmp_path_factory.mktemp("inputs")
-    return [write_slice(ECOLI, tmp / "ecoli.fasta", start=7, count=24, step=37, max_length=500),
-            write_slice(MAG, tmp / "mag.faa", start=3, count=24, step=41, max_length=500)]
+    return [
+        write_slice(ECOLI, tmp / "ecoli.fasta", start=7, count=24, step=37, max_length=500),
+        write_slice(MAG, tmp / "mag.faa", start=3, count=24, step=41, max_length=500),
+    ]
 
 
 def sequences_of(paths: list[Path]) -> dict[str, str]:
@@ -47,14 +49,23 @@ def sequences_of(paths: list[Path]) -> dict[str, str]:
 
 def reference(model: Path, seqs: dict[str, str], options: dict = OPTIONS) -> dict[tuple, np.ndarray]:
     """The in-process engine's pooled vectors for the same sequences and options."""
-    embedder = Embedder(load_esm(str(model)), layers=options["layers"], poolings=options["poolings"],
-                        precision=options["precision"])
-    return {(r.key, layer, pooling): vec for r in embedder.embed(list(seqs.items()))
-            for (layer, pooling), vec in r.pooled.items()}
+    embedder = Embedder(
+        load_esm(str(model)),
+        layers=options["layers"],
+        poolings=options["poolings"],
+        precision=options["precision"],
+    )
+    return {
+        (r.key, layer, pooling): vec
+        for r in embedder.embed(list(seqs.items()))
+        for (layer, pooling), vec in r.pooled.items()
+    }
 
 
 def stored(store: Path, run_id: str) -> dict[tuple, np.ndarray]:
-    rows = query(store, f"SELECT seq_hash, layer, pooling, embedding FROM embeddings WHERE run_id = '{run_id}'")[1]
+    rows = query(
+        store, f"SELECT seq_hash, layer, pooling, embedding FROM embeddings WHERE run_id = '{run_id}'"
+    )[1]
     return {(h, layer, pooling): np.asarray(v, np.float32) for h, layer, pooling, v in rows}
 
 
@@ -66,11 +77,20 @@ def assert_same(got: dict, want: dict) -> None:
 
 def job(store: Path, inputs: list[Path], model: Path, **pool) -> Job:
     options = {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, **pool}
-    return Job(kind="embed", store=str(store), inputs=[str(p) for p in inputs], model=str(model),
-               engine_options=dict(OPTIONS), pool=PoolOptions(**options), progress=False)
+    return Job(
+        kind="embed",
+        store=str(store),
+        inputs=[str(p) for p in inputs],
+        model=str(model),
+        engine_options=dict(OPTIONS),
+        pool=PoolOptions(**options),
+        progress=False,
+    )
 
 
-def test_flow_on_two_cpu_actors_equals_in_process_engine(prefect_harness, ray_cluster, tiny_esm2, inputs, tmp_path):
+def test_flow_on_two_cpu_actors_equals_in_process_engine(
+    prefect_harness, ray_cluster, tiny_esm2, inputs, tmp_path
+):
     store = tmp_path / "store"
     first = embed_flow(job(store, inputs[:1], tiny_esm2))
     assert first.status == "completed"
@@ -88,18 +108,24 @@ def test_flow_on_two_cpu_actors_equals_in_process_engine(prefect_harness, ray_cl
     again = embed_flow(job(store, inputs, tiny_esm2))
     assert again.run_id == record.run_id and again.counts["shards_computed"] == 0
     assert again.counts["attempts"] == 2
-    n, distinct = query(store, "SELECT count(*), count(DISTINCT (seq_hash, layer, pooling)) FROM embeddings")[1][0]
+    n, distinct = query(store, "SELECT count(*), count(DISTINCT (seq_hash, layer, pooling)) FROM embeddings")[
+        1
+    ][0]
     assert n == distinct == len(seqs) * 4
     # the DuckDB view exposes fixed-size vectors: nearest neighbours straight in SQL
-    nn = query(store, """
+    nn = query(
+        store,
+        """
         WITH q AS (SELECT embedding FROM embeddings WHERE layer = 2 AND pooling = 'mean' LIMIT 1)
         SELECT array_cosine_similarity(e.embedding, q.embedding) AS cos FROM embeddings e, q
-        WHERE e.layer = 2 AND e.pooling = 'mean' ORDER BY cos DESC LIMIT 3""")[1]
+        WHERE e.layer = 2 AND e.pooling = 'mean' ORDER BY cos DESC LIMIT 3""",
+    )[1]
     assert nn[0][0] == pytest.approx(1.0, abs=1e-5) and len(nn) == 3
 
 
-def test_killed_actor_is_replaced_and_results_exact(prefect_harness, ray_cluster, tiny_esm2, inputs, tmp_path,
-                                                    monkeypatch):
+def test_killed_actor_is_replaced_and_results_exact(
+    prefect_harness, ray_cluster, tiny_esm2, inputs, tmp_path, monkeypatch
+):
     monkeypatch.setenv("PROTEOFLOW_KILL_SHARD", "1")
     monkeypatch.setenv("PROTEOFLOW_FAULT_DIR", str(tmp_path / "faults"))
     store = tmp_path / "store"
@@ -111,8 +137,9 @@ def test_killed_actor_is_replaced_and_results_exact(prefect_harness, ray_cluster
     assert_same(stored(store, record.run_id), reference(tiny_esm2, sequences_of(inputs)))
 
 
-def test_poison_sequence_is_isolated_as_rejected(prefect_harness, ray_cluster, tiny_esm2, inputs, tmp_path,
-                                                 monkeypatch):
+def test_poison_sequence_is_isolated_as_rejected(
+    prefect_harness, ray_cluster, tiny_esm2, inputs, tmp_path, monkeypatch
+):
     seqs = sequences_of(inputs)
     poison = sorted(seqs)[5]
     monkeypatch.setenv("PROTEOFLOW_POISON", poison[:16])
@@ -127,7 +154,9 @@ def test_poison_sequence_is_isolated_as_rejected(prefect_harness, ray_cluster, t
     assert_same(got, want)
 
 
-def test_actors_spread_over_two_nodes_with_logical_gpus(prefect_harness, ray_cluster, tiny_esm2, inputs, tmp_path):
+def test_actors_spread_over_two_nodes_with_logical_gpus(
+    prefect_harness, ray_cluster, tiny_esm2, inputs, tmp_path
+):
     store = tmp_path / "store"
     record = embed_flow(job(store, inputs, tiny_esm2, gpus_per_worker=1))
     placements = record.counts["placements"]
@@ -142,10 +171,25 @@ def test_driver_process_group_killed_then_rerun_resumes(tmp_path):
 
     model = write_random_hf_checkpoint(tmp_path / "esm2_t6_8M_random", arch="esm2_t6_8M_UR50D")
     store = tmp_path / "store"
-    args = [sys.executable, "-m", "flows.cli", "embed", str(EXAMPLE), "--store", str(store), "--model", str(model),
-            "--precision", "fp32", "--workers", "1", "--no-progress"]
-    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "embed",
+        str(EXAMPLE),
+        "--store",
+        str(store),
+        "--model",
+        str(model),
+        "--precision",
+        "fp32",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(store.glob("shards/run_id=*/shard-*.parquet")):
         time.sleep(0.2)
@@ -158,7 +202,9 @@ def test_driver_process_group_killed_then_rerun_resumes(tmp_path):
 
     rerun = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    shards = query(store, f"SELECT shard_id, attempt, status FROM shards WHERE run_id = '{run_id}' ORDER BY 1")[1]
+    shards = query(
+        store, f"SELECT shard_id, attempt, status FROM shards WHERE run_id = '{run_id}' ORDER BY 1"
+    )[1]
     total = len(shards)
     assert total > len(done_before) and all(status == "done" for _, _, status in shards)
     assert sum(1 for _, attempt, _ in shards if attempt == 1) == len(done_before)  # not recomputed
@@ -173,36 +219,85 @@ def test_cli_joins_an_existing_cluster_with_ray_address(ray_cluster, tiny_esm2, 
     """Submission to a running cluster: a separate driver process joins it, ships the code, spreads actors."""
     store = tmp_path / "store"
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "embed", *map(str, inputs), "--store", str(store), "--model",
-         str(tiny_esm2), "--layers", "-1,1", "--pooling", "mean,bos", "--precision", "fp32",
-         "--ray-address", ray_cluster.address, "--ship-code", "--workers", "2", "--gpus-per-worker", "1",
-         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "embed",
+            *map(str, inputs),
+            "--store",
+            str(store),
+            "--model",
+            str(tiny_esm2),
+            "--layers",
+            "-1,1",
+            "--pooling",
+            "mean,bos",
+            "--precision",
+            "fp32",
+            "--ray-address",
+            ray_cluster.address,
+            "--ship-code",
+            "--workers",
+            "2",
+            "--gpus-per-worker",
+            "1",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     [(run_id, counts)] = query(store, "SELECT run_id, counts FROM runs WHERE kind = 'embed'")[1]
     assert len({p["node_id"] for p in json.loads(counts)["placements"]}) == 2
     assert_same(stored(store, run_id), reference(tiny_esm2, sequences_of(inputs)))
 
 
-def test_adding_a_pooling_or_per_residue_computes_only_what_is_missing(prefect_harness, ray_cluster, tiny_esm2,
-                                                                       inputs, tmp_path):
+def test_adding_a_pooling_or_per_residue_computes_only_what_is_missing(
+    prefect_harness, ray_cluster, tiny_esm2, inputs, tmp_path
+):
     store = tmp_path / "store"
     first = job(store, inputs[:1], tiny_esm2)
     first.engine_options = {"layers": [-1], "poolings": ["mean"], "precision": "fp32"}
     assert embed_flow(first).status == "completed"
     second = job(store, inputs[:1], tiny_esm2)
-    second.engine_options = {"layers": [-1], "poolings": ["mean", "bos"], "precision": "fp32", "per_residue": True}
+    second.engine_options = {
+        "layers": [-1],
+        "poolings": ["mean", "bos"],
+        "precision": "fp32",
+        "per_residue": True,
+    }
     record = embed_flow(second)
     n = len(sequences_of(inputs[:1]))
     assert record.counts["sequences"] == n  # bos and per-residue rows were missing for every sequence
-    rows, distinct = query(store, "SELECT count(*), count(DISTINCT (seq_hash, layer, pooling)) FROM embeddings")[1][0]
+    rows, distinct = query(
+        store, "SELECT count(*), count(DISTINCT (seq_hash, layer, pooling)) FROM embeddings"
+    )[1][0]
     assert rows == distinct == 2 * n  # the mean rows were not written twice
     assert query(store, "SELECT count(*) FROM residue_embeddings")[1] == [(n,)]
 
 
 def test_unknown_model_is_a_one_line_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "embed", str(EXAMPLE), "--store", str(tmp_path / "s"),
-                             "--model", str(tmp_path / "no_such_model"), "--no-progress"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "embed",
+            str(EXAMPLE),
+            "--store",
+            str(tmp_path / "s"),
+            "--model",
+            str(tmp_path / "no_such_model"),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 2
     assert "proteoflow embed: error: a worker failed to load the model: " in result.stderr
     assert "ModelNotFoundError: model" in result.stderr  # the cause, not Ray's wrapper

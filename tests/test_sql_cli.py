@@ -29,7 +29,9 @@ def test_table_csv_json_formats(store: Path) -> None:
     assert table.returncode == 0, table.stderr
     lines = table.stdout.decode().splitlines()
     assert lines[0].split() == ["seq_id", "length"] and lines[-1] == "(3 rows)"
-    rows = list(csv.reader(io.StringIO(run_cli("sql", "--store", str(store), "--format", "csv", q).stdout.decode())))
+    rows = list(
+        csv.reader(io.StringIO(run_cli("sql", "--store", str(store), "--format", "csv", q).stdout.decode()))
+    )
     assert rows[0] == ["seq_id", "length"] and len(rows) == 4
     as_json = json.loads(run_cli("sql", "--store", str(store), "--format", "json", q).stdout)
     assert [r["seq_id"] for r in as_json] == [r[0] for r in rows[1:]]
@@ -45,16 +47,26 @@ def test_contract_views_exist_even_when_empty(store: Path) -> None:
         "embeddings": "seq_hash, model, embedding",
         "structures": "seq_hash, model, pdb, mean_plddt, ptm",
     }.items():
-        result = run_cli("sql", "--store", str(store), "--format", "json", f"SELECT {cols} FROM {view} LIMIT 1")
+        result = run_cli(
+            "sql", "--store", str(store), "--format", "json", f"SELECT {cols} FROM {view} LIMIT 1"
+        )
         assert result.returncode == 0, (view, result.stderr)
 
 
-@pytest.mark.parametrize("statement", [
-    "CREATE TABLE t AS SELECT 1", "INSERT INTO members SELECT * FROM members", "DROP VIEW sequences",
-    "COPY (SELECT 1) TO 'x.csv'", "ATTACH 'x.duckdb'", "SELECT 1; DELETE FROM members",
-    "EXPLAIN ANALYZE COPY (SELECT 42) TO 'x.csv'", "explain  analyse CREATE TABLE t AS SELECT 1",
-    "PRAGMA import_database('somewhere')",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "CREATE TABLE t AS SELECT 1",
+        "INSERT INTO members SELECT * FROM members",
+        "DROP VIEW sequences",
+        "COPY (SELECT 1) TO 'x.csv'",
+        "ATTACH 'x.duckdb'",
+        "SELECT 1; DELETE FROM members",
+        "EXPLAIN ANALYZE COPY (SELECT 42) TO 'x.csv'",
+        "explain  analyse CREATE TABLE t AS SELECT 1",
+        "PRAGMA import_database('somewhere')",
+    ],
+)
 def test_writes_are_refused(store: Path, statement: str) -> None:
     result = run_cli("sql", "--store", str(store), statement)
     assert result.returncode == 2
@@ -69,8 +81,10 @@ def test_sql_errors_and_missing_store_are_one_line(tmp_path: Path, store: Path) 
 
 
 def test_sql_does_not_import_ray_prefect_or_torch(store: Path) -> None:
-    probe = ("import sys, flows.cli as c; c.main(['sql','--store',sys.argv[1],'SELECT 1']); "
-             "print(sorted(m for m in ('ray','prefect','torch','transformers') if m in sys.modules))")
+    probe = (
+        "import sys, flows.cli as c; c.main(['sql','--store',sys.argv[1],'SELECT 1']); "
+        "print(sorted(m for m in ('ray','prefect','torch','transformers') if m in sys.modules))"
+    )
     import subprocess
     import sys
 
