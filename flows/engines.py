@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from storage import results
+from storage import schemas
 
 Items = Sequence[tuple[str, str]]  # (seq_hash, sequence)
 
@@ -115,11 +115,11 @@ class EmbedEngine:
             "run_id": run_id,
             "random_weights": self.loaded.random_weights,
         }
-        pooled: dict[str, list] = {name: [] for name in results.embeddings_schema(self.loaded.dim).names}
+        pooled: dict[str, list] = {name: [] for name in schemas.embeddings_schema(self.loaded.dim).names}
         residue: dict[str, list] = {
-            name: [] for name in results.residue_embeddings_schema(self.loaded.dim).names
+            name: [] for name in schemas.residue_embeddings_schema(self.loaded.dim).names
         }
-        contacts: dict[str, list] = {name: [] for name in results.CONTACTS_SCHEMA.names}
+        contacts: dict[str, list] = {name: [] for name in schemas.CONTACTS_SCHEMA.names}
         fallbacks = 0
         for r in found:
             fallbacks += len(r.fallbacks)
@@ -154,13 +154,13 @@ class EmbedEngine:
                     contacts=np.asarray(r.contacts).ravel(),
                     **ident,
                 )
-        tables = {"embeddings": _table(pooled, results.embeddings_schema(self.loaded.dim, self.dtype))}
+        tables = {"embeddings": _table(pooled, schemas.embeddings_schema(self.loaded.dim, self.dtype))}
         if self.options.get("per_residue"):
             tables["residue_embeddings"] = _table(
-                residue, results.residue_embeddings_schema(self.loaded.dim, self.dtype)
+                residue, schemas.residue_embeddings_schema(self.loaded.dim, self.dtype)
             )
         if self.options.get("contacts"):
-            tables["contacts"] = _table(contacts, results.CONTACTS_SCHEMA)
+            tables["contacts"] = _table(contacts, schemas.CONTACTS_SCHEMA)
         return ShardOutput(
             tables, errors, fallbacks, sum(r.length for r in found), time.perf_counter() - started
         )
@@ -198,7 +198,7 @@ class FoldEngine:
     def run(self, items: Items, run_id: str) -> ShardOutput:
         started = time.perf_counter()
         found, errors = isolate_or_raise(self._fold, items)
-        columns: dict[str, list] = {name: [] for name in results.STRUCTURES_SCHEMA.names}
+        columns: dict[str, list] = {name: [] for name in schemas.STRUCTURES_SCHEMA.names}
         for r in found:
             _append(
                 columns,
@@ -221,7 +221,7 @@ class FoldEngine:
                 stem_dtype=str(r.settings.get("stem_dtype")),
                 fallbacks=list(r.fallbacks),
             )
-        table = _table(columns, results.STRUCTURES_SCHEMA)
+        table = _table(columns, schemas.STRUCTURES_SCHEMA)
         return ShardOutput(
             {"structures": table},
             errors,

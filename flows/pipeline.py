@@ -35,8 +35,8 @@ from storage import results
 from storage.catalog import refresh_catalog
 from storage.ingest import ingest
 from storage.layout import Store, write_table_atomic
-from storage.records import REJECTED_SCHEMA
-from storage.runs import SHARD_SCHEMA, RunRecord, load_run, package_versions, utcnow
+from storage.runs import RunRecord, load_run, package_versions, utcnow
+from storage.schemas import REJECTED_SCHEMA, SHARD_SCHEMA
 
 COSTS = {"embed": embedding_cost, "fold": folding_cost}
 

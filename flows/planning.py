@@ -20,10 +20,8 @@ import pyarrow.parquet as pq
 
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import ParquetSink, Store
+from storage.schemas import PLAN_SCHEMA
 
-PLAN_SCHEMA = pa.schema(
-    [("shard_id", pa.int32()), ("seq_hash", pa.string()), ("length", pa.int32()), ("sequence", pa.string())]
-)
 SHARDS_PER_WORKER = 4
 MAX_SHARD_SEQUENCES = 2048
 

@@ -15,16 +15,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.layout import Store, write_bytes_atomic
+from storage.schemas import HIVE_TABLES, TABLE_SCHEMAS
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "RELATION"}
 VECTOR_TABLES = ("embeddings", "residue_embeddings")
-HIVE_TABLES = ("members", "rejected", "shards")
 
 
 def _duckdb_type(kind: pa.DataType) -> str:
     """The DuckDB type a view exposes for an Arrow column type (vectors as FLOAT[] / FLOAT[][])."""
     if pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
         return _duckdb_type(kind.value_type) + "[]"
+    if pa.types.is_struct(kind):
+        return "STRUCT(" + ", ".join(f"\"{f.name}\" {_duckdb_type(f.type)}" for f in kind) + ")"
     if pa.types.is_floating(kind):
         return "FLOAT" if kind.bit_width <= 32 else "DOUBLE"
     if pa.types.is_timestamp(kind):
@@ -40,29 +42,8 @@ def _duckdb_type(kind: pa.DataType) -> str:
 
 def _empty_views() -> dict[str, str]:
     """Typed, empty column lists for tables with no files yet, so queries on a new store still bind."""
-    from storage.ingest import SEQUENCE_SCHEMA
-    from storage.records import MEMBER_SCHEMA, REJECTED_SCHEMA
-    from storage.results import (
-        CONTACTS_SCHEMA,
-        STRUCTURES_SCHEMA,
-        embeddings_schema,
-        residue_embeddings_schema,
-    )
-    from storage.runs import RUN_SCHEMA, SHARD_SCHEMA
-
-    schemas = {
-        "sequences": SEQUENCE_SCHEMA,
-        "members": MEMBER_SCHEMA,
-        "rejected": REJECTED_SCHEMA,
-        "runs": RUN_SCHEMA,
-        "shards": SHARD_SCHEMA,
-        "embeddings": embeddings_schema(1),
-        "residue_embeddings": residue_embeddings_schema(1),
-        "contacts": CONTACTS_SCHEMA,
-        "structures": STRUCTURES_SCHEMA,
-    }
     views = {}
-    for table, schema in schemas.items():
+    for table, schema in TABLE_SCHEMAS.items():
         columns = [f"NULL::{_duckdb_type(f.type)} AS {f.name}" for f in schema]
         if table in HIVE_TABLES:
             columns.insert(0, "NULL::VARCHAR AS run_id")

@@ -39,10 +39,10 @@ from storage.fasta import (
 )
 from storage.layout import ParquetSink, Store, staging
 from storage.normalize import NUCLEOTIDE_LETTERS
-from storage.records import MEMBER_SCHEMA, REJECTED_SCHEMA, process_chunk, process_file_chunk
+from storage.records import process_chunk, process_file_chunk
 from storage.runs import RunRecord, load_run
+from storage.schemas import MEMBER_SCHEMA, REJECTED_SCHEMA, SEQUENCE_SCHEMA
 
-SEQUENCE_SCHEMA = pa.schema([("seq_hash", pa.string()), ("sequence", pa.string()), ("length", pa.int32())])
 SPILL_SCHEMA = pa.schema([("seq_hash", pa.string()), ("sequence", pa.string())])
 
 BUCKETS = 256

@@ -14,29 +14,7 @@ import pyarrow.compute as pc
 
 from storage.fasta import parse_headers, read_chunk
 from storage.normalize import find_rejections, normalize_many
-
-MEMBER_SCHEMA = pa.schema(
-    [
-        ("record_index", pa.int64()),
-        ("seq_id", pa.string()),
-        ("description", pa.string()),
-        ("seq_hash", pa.string()),
-        ("length", pa.int32()),
-        ("source", pa.string()),
-    ]
-)
-ACCEPTED_SCHEMA = MEMBER_SCHEMA.append(pa.field("sequence", pa.string()))
-REJECTED_SCHEMA = pa.schema(
-    [
-        ("record_index", pa.int64()),
-        ("seq_id", pa.string()),
-        ("description", pa.string()),
-        ("source", pa.string()),
-        ("rule", pa.string()),
-        ("reason", pa.string()),
-        ("length", pa.int32()),
-    ]
-)
+from storage.schemas import ACCEPTED_SCHEMA, REJECTED_SCHEMA
 
 
 @dataclass

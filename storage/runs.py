@@ -18,38 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.layout import Store, write_table_atomic
-
-RUN_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("kind", pa.string()),
-        ("status", pa.string()),
-        ("started_at", pa.timestamp("us", tz="UTC")),
-        ("finished_at", pa.timestamp("us", tz="UTC")),
-        ("params", pa.string()),
-        ("counts", pa.string()),
-        ("versions", pa.string()),
-        ("message", pa.string()),
-    ]
-)
-
-# One record per computed (or failed) shard of a compute run, in shards/run_id=<run>/shard-N.parquet.
-SHARD_SCHEMA = pa.schema(
-    [
-        ("shard_id", pa.int32()),
-        ("status", pa.string()),
-        ("attempt", pa.int32()),
-        ("tries", pa.int32()),
-        ("sequences", pa.int32()),
-        ("residues", pa.int64()),
-        ("errors", pa.int32()),
-        ("fallbacks", pa.int32()),
-        ("seconds", pa.float64()),
-        ("worker", pa.string()),
-        ("finished_at", pa.timestamp("us", tz="UTC")),
-        ("error", pa.string()),
-    ]
-)
+from storage.schemas import RUN_SCHEMA
 
 STATUSES = ("running", "completed", "partial", "failed", "interrupted")
 
