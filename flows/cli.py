@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
 import textwrap
 
+from flows import cli_compute, cli_sql
+from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
 from flows.errors import CliError
 
 EPILOG = textwrap.dedent("""\
@@ -20,29 +20,6 @@ EPILOG = textwrap.dedent("""\
 
     Every subcommand takes --store DIR (default: $PROTEOFLOW_STORE). See `proteoflow COMMAND --help`.
 """)
-
-
-def store_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--store",
-        default=os.environ.get("PROTEOFLOW_STORE"),
-        metavar="DIR",
-        help="store directory (created by ingest; default $PROTEOFLOW_STORE)",
-    )
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def run_id_arg(text: str) -> str:
-    """Run ids name files and directories: letters, digits, '.', '_' and '-' only."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, '.', '_' and '-' (at most 128)")
-    return text
 
 
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
@@ -83,35 +60,6 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_ingest)
 
 
-def _add_sql(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sql",
-        help="query the store with DuckDB SQL (read-only)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=textwrap.dedent("""\
-            Answer a read-only SQL query over the store's views:
-              sequences(seq_hash, sequence, length)
-              members(run_id, record_index, seq_id, description, seq_hash, length, source)
-              rejected(run_id, record_index, seq_id, description, source, rule, reason, length)
-              runs(run_id, kind, status, started_at, finished_at, params, counts, versions, message)
-              embeddings(seq_hash, model, model_sha, layer, pooling, embedding FLOAT[D], ...)
-              structures(seq_hash, model, pdb, mean_plddt, ptm, ...)
-            Statements that would write (INSERT, CREATE, COPY, ...) are refused.
-        """),
-        epilog=textwrap.dedent("""\
-            examples:
-              proteoflow sql --store ./store "SELECT rule, count(*) FROM rejected GROUP BY rule"
-              proteoflow sql --store ./store --format csv "SELECT seq_id, length FROM members"
-        """),
-    )
-    store_arg(p)
-    p.add_argument(
-        "--format", choices=("table", "csv", "json"), default="table", help="output format (default table)"
-    )
-    p.add_argument("query", metavar="SQL", help="the query; '-' reads it from stdin")
-    p.set_defaults(handler=cmd_sql)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser; subcommand modules add their own parsers here."""
     parser = argparse.ArgumentParser(
@@ -123,10 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"proteoflow {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_ingest(sub)
-    from flows import cli_compute  # noqa: PLC0415 - keeps `sql` free of compute imports until needed
-
     cli_compute.add_parsers(sub)
-    _add_sql(sub)
+    cli_sql.add_parser(sub)
     return parser
 
 
@@ -137,12 +83,6 @@ def _version() -> str:
         return metadata.version("proteoflow")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def require_store(args: argparse.Namespace) -> str:
-    if not args.store:
-        raise CliError("no store given: pass --store DIR or set PROTEOFLOW_STORE")
-    return args.store
 
 
 def print_ingest_summary(result, out=sys.stderr) -> None:
@@ -203,16 +143,6 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         )
     else:
         print_ingest_summary(result, sys.stdout)
-    return 0
-
-
-def cmd_sql(args: argparse.Namespace) -> int:
-    from flows.output import write_result
-    from storage.catalog import query
-
-    sql = sys.stdin.read() if args.query == "-" else args.query
-    columns, rows = query(require_store(args), sql)
-    write_result(columns, rows, args.format)
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 import textwrap
 
-from flows.cli import positive_int, require_store, run_id_arg, store_arg
+from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
 from flows.errors import CliError
 
 COMMON_EPILOG = textwrap.dedent("""\

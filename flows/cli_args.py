@@ -1,0 +1,41 @@
+"""Argument helpers shared by every subcommand module: the store option, value types, the store check."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from flows.errors import CliError
+
+
+def store_arg(parser: argparse.ArgumentParser) -> None:
+    """Add --store (default $PROTEOFLOW_STORE): every subcommand that touches a store takes it."""
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("PROTEOFLOW_STORE"),
+        metavar="DIR",
+        help="store directory (created by ingest; default $PROTEOFLOW_STORE)",
+    )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def run_id_arg(text: str) -> str:
+    """Run ids name files and directories: letters, digits, '.', '_' and '-' only."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use letters, digits, '.', '_' and '-' (at most 128)")
+    return text
+
+
+def require_store(args: argparse.Namespace) -> str:
+    """The store named by --store or $PROTEOFLOW_STORE; a one-line error when neither is given."""
+    if not args.store:
+        raise CliError("no store given: pass --store DIR or set PROTEOFLOW_STORE")
+    return args.store
