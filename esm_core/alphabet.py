@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.normalize import normalize_text
+
 # Index = token id. Shared by ESM-1b, ESM-1v and every ESM-2 size.
 TOKENS: tuple[str, ...] = (
     "<cls>", "<pad>", "<eos>", "<unk>",
@@ -23,6 +25,16 @@ _LOOKUP = np.full(256, UNK, dtype=np.int64)
 for _id, _tok in enumerate(TOKENS):
     if len(_tok) == 1:
         _LOOKUP[ord(_tok)] = _id
+
+
+def normalise(sequence: str, key: str = "") -> str:
+    """``sequence`` normalised by ingest's rule (:func:`storage.normalize.normalize_text`: whitespace
+    removed, upper case, one terminal stop '*' dropped), so a sequence is computed exactly as it is stored.
+    ValueError (naming ``key``) for characters outside latin-1, which ingest would never store."""
+    try:
+        return normalize_text(sequence)
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{key!r}: character {sequence[exc.start]!r} outside the protein alphabet") from None
 
 
 def encode(sequence: str) -> np.ndarray:

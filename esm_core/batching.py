@@ -47,11 +47,12 @@ def activation_bytes_per_token(hidden: int, ffn: int, heads: int, max_len: int, 
     return element_bytes * (6 * hidden + 2 * ffn + heads * max_len)
 
 
-def default_max_tokens(
+def embed_token_budget(
     model: torch.nn.Module, device: torch.device, element_bytes: int = 2, contacts: bool = False
 ) -> int:
-    """Token budget for ``device``: a measured constant on CPU; on GPU, 60% of free memory after the
-    weights, divided by the activation cost of a full-length (1024-token) sequence.
+    """Default ``max_tokens`` of an embedding batch (padded tokens, BOS/EOS included) for ``device``: a
+    measured constant on CPU; on GPU, 60% of free memory after the weights, divided by the activation
+    cost of a full-length (1024-token) sequence.
 
     With contacts every layer's attention map is kept (layers x heads x T per token), so the budget shrinks
     to what that allows (CPU: 2 GiB of maps), never below one full-length sequence.

@@ -1,34 +1,36 @@
-"""Load an ESM checkpoint into transformers' ``EsmModel``, whatever format it ships in.
-
-Three sources: a Hugging Face hub id (or registry short name), a local Hugging Face directory, and a fair-esm
-``.pt`` file (ESM-2, ESM-1b, ESM-1v layouts). fair-esm files are read with ``weights_only=True`` and their
-state-dict keys renamed to transformers' names; no model code is copied.
+"""Load an ESM language model (ESM-2, ESM-1b, ESM-1v) into transformers' ``EsmModel``, whatever format it
+ships in: a hub id or registry short name (the cache first), a local Hugging Face directory, or a fair-esm
+``.pt`` file. Where the spec points is decided by :mod:`esm_core.sources`, shared with ESMFold.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-from huggingface_hub import constants as hub_constants
 from transformers import EsmConfig, EsmModel
-from transformers.utils import logging as hf_logging
 
-from esm_core import alphabet, registry
 from esm_core.device import pick_device
-from esm_core.weights import RANDOM_WEIGHTS_KEY, RANDOM_WEIGHTS_NOTICE, weights_checksum
+from esm_core.fair_esm import CONTACT_KEYS, convert_state, fair_esm_arch, read_checkpoint
+from esm_core.hf_loading import load_pretrained, refuse_mismatch
+from esm_core.sources import (
+    CheckpointMismatchError,
+    ModelNotFoundError,
+    Source,
+    check_config,
+    loaded_fingerprint,
+    resolve_source,
+)
+from esm_core.weights import RANDOM_WEIGHTS_KEY, weights_checksum
 
-CONTACT_KEYS = ("contact_head.regression.weight", "contact_head.regression.bias")
+__all__ = ["CheckpointMismatchError", "LoadedEsm", "ModelNotFoundError", "load_esm", "max_residues_of"]
 
-
-class ModelNotFoundError(Exception):
-    """No checkpoint found for a spec: not a local path, not cached, hub not reachable or no such repo."""
+# What an EsmModel (no pooler) may legitimately leave out of a checkpoint: the LM head of an
+# EsmForMaskedLM save, a pooler, and the contact head when the checkpoint has none.
+_MISSING_OK = re.compile(r"^contact_head\.regression\.(weight|bias)$")
+_UNEXPECTED_OK = re.compile(r"^(esm\.)?(lm_head|pooler)\.")
+_NOTHING = re.compile(r"(?!)")
 
 
 @dataclass
@@ -45,30 +47,36 @@ class LoadedEsm:
     random_weights: bool
     has_contact_head: bool
     device: torch.device
-
-    @property
-    def config(self) -> EsmConfig:
-        return self.model.config
+    fingerprint: str | None = None  # esm_core.sources.fingerprint of the files loaded
 
 
 def load_esm(spec: str, device: str | torch.device | None = None) -> LoadedEsm:
-    """Load ``spec`` (hub id, registry short name, HF directory or fair-esm .pt) onto ``device``."""
+    """Load ``spec`` (hub id, registry short name, HF directory or fair-esm .pt) onto ``device``.
+
+    Raises ModelNotFoundError (one line) when there is no such model, and CheckpointMismatchError when its
+    weights do not fit its architecture. Prints nothing: a random-weights checkpoint is reported through
+    ``random_weights`` (the caller shows :data:`esm_core.weights.RANDOM_WEIGHTS_NOTICE`).
+    """
     target = pick_device(str(device) if device is not None else None)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        model, has_contacts = _load_hf(str(path), local_only=True)
-        source, name = "hf_dir", path.resolve().name
-    elif path.is_file():
-        model, has_contacts = _load_fair_esm(path)
-        source, name = "fair_esm", path.stem
-    elif spec.endswith(".pt") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelNotFoundError(f"model {spec!r} not found: no such local file or directory")
+    source = resolve_source(spec)
+    if source.kind == "fair_esm":
+        model, has_contacts = _load_fair_esm(source)
     else:
-        hub_id = registry.resolve(spec)
-        model, has_contacts = _load_hf(hub_id, local_only=False)
-        info = registry.lookup(hub_id)
-        source, name = "hub", info.name if info else hub_id.rsplit("/", 1)[-1]
-    return _finish(model, name, source, has_contacts, target)
+        model, has_contacts = _load_hf(source)
+    model = model.to(device=target, dtype=torch.float32).eval()
+    return LoadedEsm(
+        model=model,
+        name=source.name,
+        sha=weights_checksum(model),
+        source=source.kind,
+        num_layers=model.config.num_hidden_layers,
+        dim=model.config.hidden_size,
+        max_residues=max_residues_of(model.config),
+        random_weights=bool(getattr(model.config, RANDOM_WEIGHTS_KEY, False)),
+        has_contact_head=has_contacts,
+        device=target,
+        fingerprint=loaded_fingerprint(source),
+    )
 
 
 def max_residues_of(config: EsmConfig) -> int:
@@ -79,175 +87,46 @@ def max_residues_of(config: EsmConfig) -> int:
     return config.max_position_embeddings - (config.pad_token_id + 1) - 2
 
 
-def _finish(model: EsmModel, name: str, source: str, has_contacts: bool, device: torch.device) -> LoadedEsm:
-    model = model.to(device=device, dtype=torch.float32).eval()
-    random_weights = bool(getattr(model.config, RANDOM_WEIGHTS_KEY, False))
-    if random_weights:
-        notice = RANDOM_WEIGHTS_NOTICE.format(name=name)
-        warnings.warn(notice, stacklevel=3)
-        print(notice, file=sys.stderr, flush=True)
-    return LoadedEsm(
-        model=model,
-        name=name,
-        sha=weights_checksum(model),
-        source=source,
-        num_layers=model.config.num_hidden_layers,
-        dim=model.config.hidden_size,
-        max_residues=max_residues_of(model.config),
-        random_weights=random_weights,
-        has_contact_head=has_contacts,
-        device=device,
-    )
-
-
-# ---------------------------------------------------------------------------------------- Hugging Face
-
-
-def _load_hf(location: str, local_only: bool) -> tuple[EsmModel, bool]:
+def _load_hf(source: Source) -> tuple[EsmModel, bool]:
     """EsmModel (no pooler) from a hub id or directory; EsmForMaskedLM saves load too (``esm.`` prefix)."""
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the LM head of an EsmForMaskedLM save is dropped on purpose
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = EsmModel.from_pretrained(
+
+    def load(location: str, local_only: bool) -> tuple[EsmModel, dict]:
+        raw, _ = EsmConfig.get_config_dict(location, local_files_only=local_only)
+        check_config(raw, "esm", source.spec)
+        return EsmModel.from_pretrained(
             location,
+            config=EsmConfig.from_dict(raw),
             add_pooling_layer=False,
             attn_implementation="sdpa",
             dtype=torch.float32,
             local_files_only=local_only,
             output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by refuse_mismatch in one line
         )
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if local_only:
-            raise ModelNotFoundError(
-                f"{location!r} is not a loadable Hugging Face ESM directory: {first}"
-            ) from exc
-        offline = hub_constants.HF_HUB_OFFLINE
-        hub = "hub (offline: HF_HUB_OFFLINE=1)" if offline else "hub (unreachable or no such repo)"
-        raise ModelNotFoundError(
-            f"model {location!r} not found; tried: local path (absent), Hugging Face cache "
-            f"({hub_constants.HF_HUB_CACHE}), {hub}. {first}"
-        ) from exc
-    finally:
-        hf_logging.set_verbosity(previous)
-        hf_logging.enable_progress_bar()
-    missing = set(info.get("missing_keys", ()))
+
+    model, info = load_pretrained(source, load)
+    missing = refuse_mismatch(source.spec, info, _MISSING_OK, _UNEXPECTED_OK)
     return model, not missing.intersection(CONTACT_KEYS)
 
 
-# ---------------------------------------------------------------------------------------------- fair-esm
-
-# fair-esm module names -> transformers EsmModel names, for keys after the "encoder." prefixes are removed.
-_LAYER_RENAMES = (
-    ("self_attn.q_proj.", "attention.self.query."),
-    ("self_attn.k_proj.", "attention.self.key."),
-    ("self_attn.v_proj.", "attention.self.value."),
-    ("self_attn.out_proj.", "attention.output.dense."),
-    ("self_attn_layer_norm.", "attention.LayerNorm."),
-    ("fc1.", "intermediate.dense."),
-    ("fc2.", "output.dense."),
-    ("final_layer_norm.", "LayerNorm."),
-)
-_TOP_RENAMES = {
-    "embed_tokens.weight": "embeddings.word_embeddings.weight",
-    "embed_positions.weight": "embeddings.position_embeddings.weight",
-    "emb_layer_norm_before.weight": "embeddings.layer_norm.weight",
-    "emb_layer_norm_before.bias": "embeddings.layer_norm.bias",
-    "emb_layer_norm_after.weight": "encoder.emb_layer_norm_after.weight",
-    "emb_layer_norm_after.bias": "encoder.emb_layer_norm_after.bias",
-    CONTACT_KEYS[0]: CONTACT_KEYS[0],
-    CONTACT_KEYS[1]: CONTACT_KEYS[1],
-}
-_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.|sentence_encoder\.)")
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-def read_fair_esm_file(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` a fair-esm file with ``weights_only=True``, allowing only ``argparse.Namespace``."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-def _load_fair_esm(path: Path) -> tuple[EsmModel, bool]:
-    data = read_fair_esm_file(path)
-    if not isinstance(data, dict) or "model" not in data:
-        raise ValueError(f"{path}: not a fair-esm checkpoint (expected a dict with a 'model' state dict)")
-    state = {_PREFIX.sub("", k): v for k, v in data["model"].items()}
-    regression = path.with_name(path.stem + "-contact-regression.pt")
-    if regression.is_file():
-        state.update({_PREFIX.sub("", k): v for k, v in read_fair_esm_file(regression)["model"].items()})
-    config = fair_esm_config(data, state)
+def _load_fair_esm(source: Source) -> tuple[EsmModel, bool]:
+    data, state = read_checkpoint(source.location, source.spec)
+    arch = fair_esm_arch(data, state, source.spec)
+    config = EsmConfig(**arch, attn_implementation="sdpa")
     if data.get(RANDOM_WEIGHTS_KEY):
         setattr(config, RANDOM_WEIGHTS_KEY, True)
-    hf_state = convert_fair_esm_state(state, config)
+    hf_state = convert_state(state, arch, source.spec)
     model = EsmModel(config, add_pooling_layer=False)
-    missing, unexpected = model.load_state_dict(hf_state, strict=False)
-    missing = [k for k in missing if k not in CONTACT_KEYS]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: checkpoint does not fit EsmModel (missing {missing}, unexpected {unexpected})"
-        )
+    expected = model.state_dict()
+    info = {
+        "missing_keys": expected.keys() - hf_state.keys(),
+        "unexpected_keys": hf_state.keys() - expected.keys(),
+        "mismatched_keys": [
+            (key, value.shape, expected[key].shape)
+            for key, value in hf_state.items()
+            if key in expected and value.shape != expected[key].shape
+        ],
+    }
+    refuse_mismatch(source.spec, info, _MISSING_OK, _NOTHING)
+    model.load_state_dict(hf_state, strict=False)
     return model, all(k in hf_state for k in CONTACT_KEYS)
-
-
-def fair_esm_config(data: dict[str, Any], state: dict[str, torch.Tensor]) -> EsmConfig:
-    """EsmConfig from an ESM-2 file's ``cfg["model"]`` or an ESM-1b/1v file's ``args`` (arch roberta_large)."""
-    if "cfg" in data:  # ESM-2: fair-esm builds ESM2(encoder_layers, encoder_embed_dim, heads), FFN = 4 * dim
-        cfg = data["cfg"]["model"]
-        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-        arch = registry.esm2_arch(
-            get("encoder_layers"), get("encoder_embed_dim"), get("encoder_attention_heads")
-        )
-        arch["token_dropout"] = bool(get("token_dropout", True))
-    elif "args" in data:
-        args = vars(data["args"]) if not isinstance(data["args"], dict) else data["args"]
-        if args.get("arch") != "roberta_large":
-            raise ValueError(
-                f"unsupported fair-esm arch {args.get('arch')!r}: only ESM-2 and ESM-1b/ESM-1v load"
-            )
-        arch = registry.esm1b_arch(
-            args["encoder_layers"],
-            args["encoder_embed_dim"],
-            args["encoder_attention_heads"],
-            args["encoder_ffn_embed_dim"],
-            emb_layer_norm_before=any(k.startswith("emb_layer_norm_before") for k in state),
-        )
-        # LearnedPositionalEmbedding holds max_positions + padding_idx + 1 rows.
-        arch["max_position_embeddings"] = int(args.get("max_positions", 1024)) + alphabet.PAD + 1
-        arch["token_dropout"] = bool(args.get("token_dropout", False))
-    else:
-        raise ValueError("not a fair-esm checkpoint: neither 'cfg' (ESM-2) nor 'args' (ESM-1b) present")
-    return EsmConfig(**arch, attn_implementation="sdpa")
-
-
-def convert_fair_esm_state(state: dict[str, torch.Tensor], config: EsmConfig) -> dict[str, torch.Tensor]:
-    """Rename fair-esm keys to EsmModel keys; drop the LM head; one shared rotary ``inv_freq``.
-
-    ESM-1b: zero the <mask> embedding row, as fair-esm's own loader does for roberta_large checkpoints.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.startswith("lm_head.") or key.endswith(".version") or key == "version":
-            continue
-        layer = _LAYER.match(key)
-        if layer:
-            index, rest = layer.groups()
-            if rest == "self_attn.rot_emb.inv_freq":
-                out.setdefault("rotary_embeddings.inv_freq", value)
-                continue
-            for old, new in _LAYER_RENAMES:
-                if rest.startswith(old):
-                    out[f"encoder.layer.{index}.{new}{rest[len(old) :]}"] = value
-                    break
-            else:
-                raise ValueError(f"unknown fair-esm layer key {key!r}")
-        elif key in _TOP_RENAMES:
-            out[_TOP_RENAMES[key]] = value
-        else:
-            raise ValueError(f"unknown fair-esm key {key!r}")
-    if config.position_embedding_type == "absolute":
-        words = out["embeddings.word_embeddings.weight"].clone()
-        words[alphabet.MASK].zero_()
-        out["embeddings.word_embeddings.weight"] = words
-    return out

@@ -21,9 +21,9 @@ from transformers import EsmModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from esm_core import alphabet
-from esm_core.batching import default_max_tokens, pack_batches, run_with_oom_fallback
+from esm_core.batching import embed_token_budget, pack_batches, run_with_oom_fallback
 from esm_core.checkpoints import LoadedEsm
-from esm_core.precision import cast_model, cpu_has_fast_bf16, resolve_precision
+from esm_core.precision import cast_model, cosine_similarity, cpu_has_fast_bf16, resolve_precision
 from esm_core.windows import Stitcher, plan_windows
 
 POOLINGS = ("mean", "bos")
@@ -117,7 +117,7 @@ class Embedder:
         self.precision = resolve_precision(precision, self.device)
         self.model = cast_model(loaded.model, self.precision)
         element_bytes = torch.finfo(next(self.model.parameters()).dtype).bits // 8
-        self.max_tokens = max_tokens or default_max_tokens(self.model, self.device, element_bytes, contacts)
+        self.max_tokens = max_tokens or embed_token_budget(self.model, self.device, element_bytes, contacts)
         self.window = loaded.max_residues
         self.stride = self.window // 2
         self._cpu_model: tuple[EsmModel, str] | None = None
@@ -125,7 +125,9 @@ class Embedder:
     # ------------------------------------------------------------------------------------------ driver
 
     def embed(self, items: Sequence[tuple[str, str]]) -> Iterator[EmbedResult]:
-        """Yield one ``EmbedResult`` per (key, sequence), in batch order (not input order)."""
+        """Yield one ``EmbedResult`` per (key, sequence), in batch order (not input order); sequences are
+        normalised by ingest's rule first (:func:`esm_core.alphabet.normalise`)."""
+        items = [(key, alphabet.normalise(sequence, key)) for key, sequence in items]
         pieces: list[_Piece] = []
         stitchers: dict[int, Stitcher] = {}
         for index, (key, sequence) in enumerate(items):
@@ -311,3 +313,16 @@ def _attention_capture(model: EsmModel, sink: list[torch.Tensor]) -> Iterator[No
         for hook in hooks:
             hook.remove()
         model.set_attn_implementation(previous)
+
+
+def compare_to_fp32(
+    loaded: LoadedEsm, items: Sequence[tuple[str, str]], precision: str = "auto", layer: int = -1
+) -> np.ndarray:
+    """Per-sequence cosine similarity of ``precision`` vs fp32 mean embeddings (``items`` order)."""
+
+    def pooled(prec: str) -> np.ndarray:
+        embedder = Embedder(loaded, layers=(layer,), precision=prec)
+        got = {r.key: r.pooled[(embedder.layers[0], "mean")] for r in embedder.embed(items)}
+        return np.stack([got[key] for key, _ in items])
+
+    return cosine_similarity(pooled(precision), pooled("fp32"))

@@ -10,12 +10,15 @@ import numpy as np
 import torch
 from transformers.models.esm.openfold_utils import residue_constants
 
+from esm_core import alphabet
 from esm_core.structure_io import CHAIN_IDS
 
 # As in ESMFold's own ``infer``: chains joined by 25 glycines, residue index jumps by 512 per chain.
 LINKER = "G" * 25
 RESIDUE_INDEX_OFFSET = 512
-DEFAULT_MAX_TOKENS = 1024  # ESMFold's fold.py default (--max-tokens-per-batch)
+GPU_FOLD_TOKENS = 1024  # tokens per batch on a GPU: ESMFold's fold.py default (--max-tokens-per-batch)
+# On a CPU every input goes alone: a budget of one token is below any input, and take_batch always takes one.
+ONE_INPUT_PER_BATCH = 1
 MIN_CHUNK_SIZE = 8
 
 
@@ -24,7 +27,7 @@ class FoldInput:
     """One sequence (or complex) as model input: T tokens (linker included), N kept residues."""
 
     key: str
-    chains: tuple[str, ...]  # chain sequences, normalised
+    chains: tuple[str, ...]  # chain sequences, normalised as ingest does
     aatype: torch.Tensor  # [T] long, restypes_with_x order
     residue_index: torch.Tensor  # [T] long, position ids for the folding trunk
     keep: torch.Tensor  # [T] bool, False on linker residues
@@ -39,17 +42,13 @@ class FoldInput:
         return int(self.chain_index.shape[0])
 
 
-def normalise_chain(chain: str) -> str:
-    """Upper case without whitespace and without a trailing stop symbol (Prodigal writes '*')."""
-    return "".join(chain.split()).upper().rstrip("*")
-
-
 def encode(key: str, sequence: str, linker: str = LINKER, offset: int = RESIDUE_INDEX_OFFSET) -> FoldInput:
     """Encode ``sequence`` (chains separated by ':') the way ESMFold folds complexes.
 
-    Unknown letters (U, B, Z, O, X) map to X as in transformers' ``infer``; empty chains are an error.
+    Each chain is normalised by ingest's rule (:func:`esm_core.alphabet.normalise`); unknown letters
+    (U, B, Z, O, X) map to X as in transformers' ``infer``; empty chains are an error.
     """
-    chains = tuple(normalise_chain(chain) for chain in sequence.split(":"))
+    chains = tuple(alphabet.normalise(chain, key) for chain in sequence.split(":"))
     if not all(chains):
         raise ValueError(f"{key!r}: empty sequence or empty chain in {sequence[:60]!r}")
     if len(chains) > len(CHAIN_IDS):
@@ -101,11 +100,12 @@ def collate(
     return aatype.to(device), mask.to(device), residx.to(device)
 
 
-def default_max_tokens(device: torch.device) -> int:
-    """1024 on a GPU (ESMFold's fold.py default); on a CPU one sequence per batch, because the cores
-    are already busy inside one sequence and padding costs L^3 in triangle attention (measured 1.4x
-    slower batched on the tiny model, bench/fold.py)."""
-    return DEFAULT_MAX_TOKENS if device.type == "cuda" else 1
+def fold_token_budget(device: torch.device) -> int:
+    """Default ``max_tokens`` of a fold batch (batch size * longest input, padding counted): 1024 on a GPU
+    (ESMFold's fold.py default); on a CPU one input per batch, because the cores are already busy inside
+    one sequence and padding costs L^3 in triangle attention (measured 1.4x slower batched on the tiny
+    model, bench/fold.py)."""
+    return GPU_FOLD_TOKENS if device.type == "cuda" else ONE_INPUT_PER_BATCH
 
 
 def take_batch(queue: list[FoldInput], max_tokens: int) -> list[FoldInput]:

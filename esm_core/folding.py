@@ -1,21 +1,18 @@
-"""ESMFold structure prediction on transformers' ``EsmForProteinFolding``: loading (hub id, HF cache or
-local directory), token-budget batching, complexes, per-sequence confidence, out-of-memory back-off and
-PDB/mmCIF text. No Ray, Prefect or storage knowledge here."""
+"""ESMFold structure prediction on transformers' ``EsmForProteinFolding``: loading (through
+:mod:`esm_core.sources`, shared with the embedding models), token-budget batching, complexes,
+per-sequence confidence and out-of-memory back-off. No Ray, Prefect or storage knowledge here."""
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import EsmConfig, EsmForProteinFolding
 from transformers.models.esm.openfold_utils import atom14_to_atom37, residue_constants
-from transformers.utils import logging as hf_logging
 
 from esm_core.confidence import CA_INDEX, residue_plddt, sequence_pae, sequence_ptm
 from esm_core.device import free_cached_memory, is_out_of_memory, pick_device
@@ -23,24 +20,32 @@ from esm_core.fold_batching import (
     FoldInput,
     auto_chunk_size,
     collate,
-    default_max_tokens,
     encode,
+    fold_token_budget,
     smaller_chunk_size,
     sort_longest_first,
     take_batch,
 )
+from esm_core.hf_loading import load_pretrained, refuse_mismatch
+from esm_core.sources import ModelNotFoundError, check_config, loaded_fingerprint, resolve_source
 from esm_core.structure_io import CHAIN_IDS, Structure, to_mmcif_text, to_pdb_text
-from esm_core.weights import RANDOM_WEIGHTS_KEY, RANDOM_WEIGHTS_NOTICE, weights_checksum
+from esm_core.weights import RANDOM_WEIGHTS_KEY, weights_checksum
+
+__all__ = [
+    "FoldOutOfMemoryError",
+    "FoldResult",
+    "Folder",
+    "LoadedFolder",
+    "ModelNotFoundError",
+    "load_esmfold",
+]
 
 logger = logging.getLogger(__name__)
 
-
-try:  # one exception type for the embedding and folding loaders
-    from esm_core.checkpoints import ModelNotFoundError
-except ImportError:  # pragma: no cover - the embedding engine's loader is absent
-
-    class ModelNotFoundError(Exception):  # type: ignore[no-redef]
-        """The model is neither a local directory, nor in the Hugging Face cache, nor reachable on the hub."""
+# What a folding checkpoint may legitimately leave out: the ESM-2 stem's contact head (unused by folding)
+# and a pooler.
+_MISSING_OK = re.compile(r"^(esm\.)?contact_head\.regression\.(weight|bias)$")
+_UNEXPECTED_OK = re.compile(r"^esm\.pooler\.")
 
 
 class FoldOutOfMemoryError(RuntimeError):
@@ -56,6 +61,7 @@ class LoadedFolder:
     sha: str
     random_weights: bool
     device: torch.device
+    fingerprint: str | None = None  # esm_core.sources.fingerprint of the files loaded
 
 
 def stem_dtype(device: torch.device) -> torch.dtype:
@@ -75,66 +81,51 @@ def place_model(model: EsmForProteinFolding, device: torch.device) -> None:
         model.esm.to(dtype=dtype)
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(flag in ("1", "true", "yes", "on") for flag in flags)
-
-
-def _resolve(spec: str) -> tuple[str, str, tuple[bool, ...]]:
-    """(source for from_pretrained, short name, local_files_only values to try in order)."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return str(path), path.resolve().name, (True,)
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelNotFoundError(f"no model directory at {spec!r}")
-    return spec, spec.rsplit("/", 1)[-1], (True,) if _offline() else (True, False)
-
-
 def load_esmfold(spec: str, device: str | torch.device | None = None) -> LoadedFolder:
     """Load ESMFold from a hub id (``facebook/esmfold_v1``; the local HF cache first, then the hub unless
-    offline) or from a local Hugging Face directory, in eval mode on ``device`` (default: GPU if any)."""
+    offline) or a local Hugging Face directory, in eval mode on ``device`` (default: GPU if any).
+
+    Raises ModelNotFoundError (one line) for a missing or non-ESMFold checkpoint and CheckpointMismatchError
+    when its weights do not fit its architecture. Prints nothing; ``random_weights`` tells the caller.
+    """
     target = pick_device(str(device) if device is not None else None)
-    source, name, attempts = _resolve(spec)
-    errors: list[str] = []
-    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        for local_only in attempts:
-            try:
-                config = EsmConfig.from_pretrained(source, local_files_only=local_only)
-                if not config.is_folding_model:
-                    raise ValueError(
-                        f"{spec!r} is not an ESMFold checkpoint (config has is_folding_model=false)"
-                    )
-                # fp16_esm makes __init__ halve the stem before the weights load, rounding fp32 checkpoints
-                # to fp16 even on a CPU; load at full precision and let place_model pick the stem dtype.
-                fp16_esm, config.esmfold_config.fp16_esm = config.esmfold_config.fp16_esm, False
-                model = EsmForProteinFolding.from_pretrained(
-                    source, config=config, local_files_only=local_only, dtype=torch.float32
-                )
-                model.config.esmfold_config.fp16_esm = fp16_esm
-                break
-            except OSError as exc:
-                errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        else:
-            tried = (
-                "the local directory"
-                if Path(source).is_dir()
-                else "the Hugging Face cache" + (" (offline)" if len(attempts) == 1 else " and the hub")
-            )
-            raise ModelNotFoundError(f"ESMFold model {spec!r} not found: tried {tried}: {errors[-1]}")
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
+    source = resolve_source(spec)
+    if source.kind == "fair_esm":
+        raise ModelNotFoundError(
+            f"model {spec!r} is a file; ESMFold loads from a Hugging Face directory or hub id"
+        )
+
+    def load(location: str, local_only: bool) -> tuple[EsmForProteinFolding, dict]:
+        raw, _ = EsmConfig.get_config_dict(location, local_files_only=local_only)
+        check_config(raw, "esmfold", spec)
+        config = EsmConfig.from_dict(raw)
+        # fp16_esm makes __init__ halve the stem before the weights load, rounding fp32 checkpoints
+        # to fp16 even on a CPU; load at full precision and let place_model pick the stem dtype.
+        fp16_esm, config.esmfold_config.fp16_esm = config.esmfold_config.fp16_esm, False
+        model, info = EsmForProteinFolding.from_pretrained(
+            location,
+            config=config,
+            local_files_only=local_only,
+            dtype=torch.float32,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by refuse_mismatch in one line
+        )
+        model.config.esmfold_config.fp16_esm = fp16_esm
+        return model, info
+
+    model, info = load_pretrained(source, load)
+    refuse_mismatch(spec, info, _MISSING_OK, _UNEXPECTED_OK)
     model.eval().requires_grad_(False)
-    random_weights = bool(getattr(config, RANDOM_WEIGHTS_KEY, False))
-    if random_weights:
-        print(RANDOM_WEIGHTS_NOTICE.format(name=name), file=sys.stderr, flush=True)
     sha = weights_checksum(model)  # on CPU in fp32, before the stem is halved for a GPU
     place_model(model, target)
-    return LoadedFolder(model=model, name=name, sha=sha, random_weights=random_weights, device=target)
+    return LoadedFolder(
+        model=model,
+        name=source.name,
+        sha=sha,
+        random_weights=bool(getattr(model.config, RANDOM_WEIGHTS_KEY, False)),
+        device=target,
+        fingerprint=loaded_fingerprint(source),
+    )
 
 
 @dataclass
@@ -169,8 +160,9 @@ class Folder:
     """Folds (key, sequence) items with token-budget batching and out-of-memory back-off.
 
     ``chunk_size``: "auto" (:func:`esm_core.fold_batching.auto_chunk_size` of each batch's longest input),
-    an int, or None (no chunking). ``max_tokens``: batch size * longest input (padding counted); default
-    1024 on a GPU as ESMFold's fold.py, one sequence per batch on a CPU (``default_max_tokens``).
+    an int, or None (no chunking). ``max_tokens``: batch size * longest input in tokens (residues plus
+    complex linkers, padding counted); default :func:`esm_core.fold_batching.fold_token_budget` (1024 on a
+    GPU as ESMFold's fold.py, one sequence per batch on a CPU).
     ``num_recycles``: None = the model's training default, max_recycles - 1 recycles after the first
     pass (what transformers runs for None); the number actually run is in every result's settings.
     """
@@ -193,7 +185,7 @@ class Folder:
         max_recycles = loaded.model.config.esmfold_config.trunk.max_recycles
         self.num_recycles = max(max_recycles - 1, 0) if num_recycles is None else num_recycles
         self.chunk_size = chunk_size
-        self.max_tokens = max_tokens or default_max_tokens(loaded.device)
+        self.max_tokens = max_tokens or fold_token_budget(loaded.device)
         self.pae = pae
         self._budget = self.max_tokens  # lowered after a batch runs out of memory
 

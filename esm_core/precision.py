@@ -8,16 +8,11 @@ than bf16 autocast (autocast re-casts weights every call). So bf16 means "cast t
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from esm_core.device import PRECISIONS, torch_dtype
-
-if TYPE_CHECKING:
-    from esm_core.checkpoints import LoadedEsm
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -58,17 +53,3 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return np.sum(a * b, axis=1) / np.maximum(norms, 1e-300)
-
-
-def compare_to_fp32(
-    loaded: LoadedEsm, items: Sequence[tuple[str, str]], precision: str = "auto", layer: int = -1
-) -> np.ndarray:
-    """Per-sequence cosine similarity of ``precision`` vs fp32 mean embeddings (``items`` order)."""
-    from esm_core.embedding import Embedder
-
-    def pooled(prec: str) -> np.ndarray:
-        embedder = Embedder(loaded, layers=(layer,), precision=prec)
-        got = {r.key: r.pooled[(embedder.layers[0], "mean")] for r in embedder.embed(items)}
-        return np.stack([got[key] for key, _ in items])
-
-    return cosine_similarity(pooled(precision), pooled("fp32"))

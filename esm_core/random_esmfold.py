@@ -10,6 +10,7 @@ import torch
 from transformers import EsmConfig, EsmForProteinFolding, EsmTokenizer
 from transformers.models.esm.configuration_esm import get_default_vocab_list
 
+from esm_core.hf_loading import quiet_loading
 from esm_core.weights import RANDOM_WEIGHTS_KEY
 
 # Seconds for ~10 sequences of 50-150 residues on a CPU: 2-layer ESM-2 stem, 1 trunk block, 2 passes.
@@ -94,8 +95,9 @@ def write_random_esmfold_checkpoint(out_dir: str | Path, tiny: bool = True, seed
     torch.manual_seed(seed)
     model = EsmForProteinFolding(config).float().eval()
     _randomise(model, seed)
-    model.save_pretrained(out)
     vocab_file = out / "vocab.txt"
     vocab_file.write_text("\n".join(config.vocab_list) + "\n")
-    EsmTokenizer(vocab_file=str(vocab_file)).save_pretrained(out)
+    with quiet_loading():  # no "Writing model shards" bar
+        model.save_pretrained(out)
+        EsmTokenizer(vocab_file=str(vocab_file)).save_pretrained(out)
     return out

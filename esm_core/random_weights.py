@@ -14,6 +14,7 @@ import torch
 from transformers import EsmConfig, EsmForMaskedLM, EsmModel, EsmTokenizer
 
 from esm_core import alphabet, registry
+from esm_core.hf_loading import quiet_loading
 from esm_core.weights import RANDOM_WEIGHTS_KEY
 
 
@@ -30,9 +31,10 @@ def write_random_hf_checkpoint(
     setattr(config, RANDOM_WEIGHTS_KEY, True)
     torch.manual_seed(seed)
     model = EsmForMaskedLM(config) if masked_lm else EsmModel(config, add_pooling_layer=False)
-    model.save_pretrained(out_dir)
     vocab = alphabet.write_vocab(out_dir / "vocab.txt")
-    EsmTokenizer(str(vocab)).save_pretrained(out_dir)
+    with quiet_loading():  # no "Writing model shards" bar
+        model.save_pretrained(out_dir)
+        EsmTokenizer(str(vocab)).save_pretrained(out_dir)
     return out_dir
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +96,31 @@ def transformers_reference(
 def residue_mean(rows: np.ndarray) -> np.ndarray:
     """Mean over residue rows of a (L+1, D) array whose row 0 is BOS."""
     return rows[1:].mean(axis=0)
+
+
+def rewrite_safetensors(
+    directory: Path, change: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+) -> Path:
+    """Rewrite ``directory``'s model.safetensors through ``change`` (rename, drop or reshape tensors), as a
+    hand-edited or mismatched checkpoint would look on disk."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    save_file(change(load_file(path)), path, metadata={"format": "pt"})
+    return path
+
+
+def fake_hub_cache(cache: Path, repo_id: str, checkpoint: Path, commit: str = "0" * 40) -> Path:
+    """Lay ``checkpoint``'s files out as huggingface_hub caches a download (blobs, a snapshot of symlinks,
+    refs/main), so the hub path is exercised without a network. Returns the snapshot directory."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for index, file in enumerate(sorted(f for f in checkpoint.iterdir() if f.is_file())):
+        blob = repo / "blobs" / f"blob{index}"
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -11,12 +11,10 @@ import pytest
 import torch
 from esm_fixtures import ODD_SEQUENCES, ecoli_sequences
 
-from esm_core.batching import CPU_MAX_TOKENS, default_max_tokens, pack_batches
+from esm_core.batching import CPU_MAX_TOKENS, embed_token_budget, pack_batches
 from esm_core.checkpoints import load_esm
 from esm_core.embedding import Embedder
 from esm_core.random_weights import write_random_hf_checkpoint
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM WEIGHTS")
 
 
 def test_pack_batches_respects_budget():
@@ -45,7 +43,7 @@ def items():
 
 
 def test_default_budget_on_cpu(loaded):
-    assert default_max_tokens(loaded.model, torch.device("cpu")) == CPU_MAX_TOKENS
+    assert embed_token_budget(loaded.model, torch.device("cpu")) == CPU_MAX_TOKENS
     assert Embedder(loaded).max_tokens == CPU_MAX_TOKENS
     assert 1026 <= Embedder(loaded, contacts=True).max_tokens <= CPU_MAX_TOKENS
 

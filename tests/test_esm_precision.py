@@ -9,11 +9,10 @@ from esm_fixtures import ODD_SEQUENCES, ecoli_sequences
 from transformers import EsmTokenizer
 
 from esm_core.checkpoints import load_esm
-from esm_core.embedding import Embedder
-from esm_core.precision import compare_to_fp32, cpu_has_fast_bf16, resolve_precision
+from esm_core.embedding import Embedder, compare_to_fp32
+from esm_core.precision import cpu_has_fast_bf16, resolve_precision
 from esm_core.random_weights import write_random_fair_esm_checkpoint, write_random_hf_checkpoint
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM WEIGHTS")
 CPU = torch.device("cpu")
 
 

@@ -12,8 +12,6 @@ from esm_core.embedding import Embedder
 from esm_core.random_weights import write_random_hf_checkpoint
 from esm_core.windows import plan_windows
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM WEIGHTS")
-
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):

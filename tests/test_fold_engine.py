@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,15 @@ import pytest
 import torch
 from Bio.PDB import MMCIFParser, PDBParser
 from conftest import ECOLI as DATA  # honours PROTEOFLOW_SHARED_DATA like every test
+from esm_fixtures import rewrite_safetensors
 from transformers import EsmConfig, EsmForProteinFolding
 from transformers.models.esm.openfold_utils import atom14_to_atom37, residue_constants
 
 from esm_core import folding
 from esm_core.folding import Folder, FoldOutOfMemoryError, ModelNotFoundError, load_esmfold
+from esm_core.preflight import inspect_checkpoint
 from esm_core.random_esmfold import random_esmfold_config, write_random_esmfold_checkpoint
+from esm_core.sources import CheckpointMismatchError
 from esm_core.weights import weights_checksum
 
 STANDARD = set(residue_constants.restypes)
@@ -101,9 +105,11 @@ def _coords(structure) -> np.ndarray:
 
 # -- loading -----------------------------------------------------------------------------------
 def test_load_random_checkpoint(checkpoint, capfd):
+    capfd.readouterr()
     folder = load_esmfold(str(checkpoint), device="cpu")
-    assert "RANDOM WEIGHTS" in capfd.readouterr().err
+    assert capfd.readouterr() == ("", "")  # no RANDOM WEIGHTS notice (the caller's), no progress bars
     assert folder.random_weights and folder.name == checkpoint.name
+    assert folder.fingerprint == inspect_checkpoint(str(checkpoint), kind="esmfold").fingerprint
     assert folder.sha == weights_checksum(folder.model) and len(folder.sha) == 16
     assert not folder.model.training and folder.device == torch.device("cpu")
     assert {p.dtype for p in folder.model.esm.parameters()} == {torch.float32}  # fp32 stem on CPU
@@ -126,7 +132,7 @@ def test_fp16_esm_checkpoint_loads_at_full_precision_on_cpu(tmp_path):
 
 
 def test_missing_models_fail_with_one_line(tmp_path, monkeypatch):
-    with pytest.raises(ModelNotFoundError, match="no model directory"):
+    with pytest.raises(ModelNotFoundError, match="no such local file or directory"):
         load_esmfold(str(tmp_path / "absent"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network attempt: only the (empty) cache is tried
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -139,8 +145,26 @@ def test_non_folding_checkpoint_is_rejected(tmp_path):
     EsmConfig(vocab_size=33, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
         tmp_path
     )
-    with pytest.raises(ValueError, match="not an ESMFold checkpoint"):
+    with pytest.raises(ModelNotFoundError, match="not an ESMFold checkpoint"):
         load_esmfold(str(tmp_path))
+
+
+def test_mismatched_weights_are_refused(checkpoint, tmp_path):
+    """Renamed trunk keys would leave the trunk at random init under transformers; refused in one line."""
+    broken = shutil.copytree(checkpoint, tmp_path / "broken")
+    rewrite_safetensors(
+        broken, lambda state: {k.replace("trunk.", "folding_trunk."): v for k, v in state.items()}
+    )
+    with pytest.raises(CheckpointMismatchError, match=r"missing: trunk\.") as info:
+        load_esmfold(str(broken), device="cpu")
+    assert "\n" not in str(info.value) and "unexpected: folding_trunk." in str(info.value)
+
+
+def test_checkpoint_without_contact_head_loads(checkpoint, tmp_path):
+    """The ESM-2 stem's contact head is unused by folding; a checkpoint may leave it out."""
+    plain = shutil.copytree(checkpoint, tmp_path / "plain")
+    rewrite_safetensors(plain, lambda state: {k: v for k, v in state.items() if "contact_head" not in k})
+    assert load_esmfold(str(plain), device="cpu").name == "plain"
 
 
 # -- structures ------------------------------------------------------------------------------
