@@ -4,8 +4,10 @@ that share a name are never mixed, and the loud marker that a checkpoint holds r
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported when a checksum is taken, so the marker costs no torch import
+    import torch
 
 RANDOM_WEIGHTS_KEY = "proteoflow_random_weights"
 RANDOM_WEIGHTS_NOTICE = (
@@ -19,6 +21,8 @@ def weights_checksum(module: torch.nn.Module, length: int = 16) -> str:
 
     Computed on fp32 copies so the same checkpoint gives the same checksum whatever precision it runs at.
     """
+    import torch
+
     digest = hashlib.sha1(usedforsecurity=False)
     state = module.state_dict()
     for name in sorted(state):

@@ -104,3 +104,11 @@ def test_other_errors_propagate(loaded, items):
             list(embedder.embed(items[:3]))
     finally:
         block.forward = original
+
+
+def test_sequences_normalised_as_ingest_does(loaded):
+    """Lower case, whitespace and one terminal stop: embedded exactly as the stored sequence would be."""
+    raw = {"stored": "MKTAYIAKQR", "raw": " mktay\niakqr*"}
+    results = {r.key: r for r in Embedder(loaded, precision="fp32").embed(list(raw.items()))}
+    assert results["raw"].length == results["stored"].length == 10
+    np.testing.assert_array_equal(results["raw"].pooled[(2, "mean")], results["stored"].pooled[(2, "mean")])

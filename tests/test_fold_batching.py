@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from esm_core.fold_batching import (
+    GPU_FOLD_TOKENS,
     LINKER,
     RESIDUE_INDEX_OFFSET,
     auto_chunk_size,
     encode,
+    fold_token_budget,
     smaller_chunk_size,
     sort_longest_first,
     take_batch,
 )
+from storage.normalize import normalize_text
 
 
 def test_complex_encoding_matches_esmfold_convention():
@@ -30,6 +34,14 @@ def test_complex_encoding_matches_esmfold_convention():
 
 def test_sequence_normalisation_and_errors():
     assert encode("k", " mkv*\n").chains == ("MKV",)  # Prodigal stop and case
+    assert encode("k", "mkv*:aa a*").chains == ("MKV", "AAA")  # per chain
+    # ingest's rule drops exactly one terminal stop: "MKV**" is stored as nothing (internal stop), so
+    # it does not fold as "MKV" either
+    assert normalize_text("MKV**") == "MKV*"
+    with pytest.raises(ValueError, match="Invalid character"):
+        encode("k", "MKV**")
+    with pytest.raises(ValueError, match="outside the protein alphabet"):
+        encode("k", "MK\u20acV")
     assert encode("k", "MKUXB").aatype.tolist()[2:] == [20, 20, 20]  # non-standard -> X
     with pytest.raises(ValueError, match="empty"):
         encode("k", "MKV::AAA")
@@ -44,6 +56,13 @@ def test_token_budget_counts_padding():
     assert [item.key for item in take_batch(queue, 250)] == ["60", "40", "10"]
     assert not queue
     assert len(take_batch([encode("long", "A" * 300)], 100)) == 1  # over budget: alone
+
+
+def test_default_budget_per_device():
+    assert fold_token_budget(torch.device("cuda")) == GPU_FOLD_TOKENS == 1024
+    queue = sort_longest_first([encode(str(n), "A" * n) for n in (1, 2, 3)])
+    budget = fold_token_budget(torch.device("cpu"))
+    assert [len(take_batch(queue, budget)) for _ in range(3)] == [1, 1, 1]  # CPU: one input per batch
 
 
 def test_chunk_size_rules():
