@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import TextIO
 
 MAX_CELL = 60
+# C0 and C1 control characters and DEL: a FASTA header can carry terminal escapes (\x1b[31m), \r, \x00.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_controls(text: str) -> str:
+    """Control characters made visible (``\\x1b``, ``\\n``), so a value cannot move the cursor,
+    recolour the terminal or break a line of the output."""
+    return CONTROL.sub(lambda m: NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
 
 
 def _cell(value: object) -> str:
@@ -20,11 +31,20 @@ def _cell(value: object) -> str:
     if isinstance(value, (list, tuple)):
         inner = ", ".join(_cell(v) for v in value[:4])
         return f"[{inner}{', …' if len(value) > 4 else ''}] ({len(value)})"
-    text = str(value).replace("\n", "\\n")
+    text = escape_controls(str(value))
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
+def _csv_cell(value: object) -> object:
+    """A CSV field: nested values as JSON, text with its control characters escaped."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(_jsonable(value))
+    return escape_controls(value) if isinstance(value, str) else value
+
+
 def _jsonable(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or Infinity
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
@@ -42,18 +62,20 @@ def write_result(
     """Print a query result: aligned table (long cells shortened), full CSV, or a JSON array of objects."""
     if fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(columns)
+        writer.writerow([escape_controls(c) for c in columns])
         for row in rows:
-            writer.writerow(
-                [json.dumps(_jsonable(v)) if isinstance(v, (list, tuple, dict)) else v for v in row]
-            )
+            writer.writerow([_csv_cell(v) for v in row])
         return
     if fmt == "json":
         json.dump(
-            [dict(zip(columns, (_jsonable(v) for v in row), strict=True)) for row in rows], out, indent=1
+            [dict(zip(columns, (_jsonable(v) for v in row), strict=True)) for row in rows],
+            out,
+            indent=1,
+            allow_nan=False,
         )
         out.write("\n")
         return
+    columns = [escape_controls(c) for c in columns]
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
     out.write("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip() + "\n")

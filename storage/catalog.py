@@ -1,24 +1,68 @@
-"""DuckDB catalog: an in-memory DuckDB whose views read the store's Parquet files directly.
+"""DuckDB over the store's Parquet files: the sealed session ``proteoflow sql`` queries, and ``catalog.sql``.
 
-No server and no ``.duckdb`` file: the views are recreated on every open, so any DuckDB version that
-reads Parquet can query a store. ``embedding`` columns are cast to ``FLOAT[D]`` so the array functions
+Every open reads each file's footer (cheap) so a damaged file is skipped and named instead of failing every
+query. The session reads the files through pyarrow datasets registered in an in-memory DuckDB whose views
+live in a read-only attached catalog; DuckDB itself then has no file system, no extensions and a locked
+configuration, so no statement can write, read outside the store or download, whatever gets past
+:func:`check_read_only`. ``embedding`` columns are ``FLOAT[D]`` so the array functions
 (``array_cosine_similarity``, ``array_distance``) work on them directly.
+
+``catalog.sql`` holds the same views over relative globs (``sequences/[!.]*.parquet``, one glob per model
+directory of the vector tables), so it stays true as files are added; writers call :func:`write_catalog`
+after a change that adds a table or a model directory.
 """
 
 from __future__ import annotations
 
-import re
+import json
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from storage.layout import Store, write_bytes_atomic
-from storage.schemas import HIVE_TABLES, TABLE_SCHEMAS
+from storage.layout import FORMAT_VERSION, Store, write_bytes_atomic
+from storage.schemas import HIVE_TABLES, RESULT_TABLES, TABLE_SCHEMAS
 
-READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN", "RELATION"}
 VECTOR_TABLES = ("embeddings", "residue_embeddings")
+CATALOG_FILE = "catalog.sql"
+PARQUET_GLOB = "[!.]*.parquet"  # never a hidden file: writers' temporaries start with '.'
+USAGE = (
+    "-- proteoflow views over this store's Parquet files (paths relative to the store). "
+    'Use: cd STORE && duckdb -c ".read catalog.sql"   or from anywhere: '
+    'duckdb -c "SET file_search_path=\'/abs/path/to/STORE\'" -c ".read /abs/path/to/STORE/catalog.sql"\n'
+)
+SESSION_SETTINGS = (
+    "SET python_enable_replacements = false",
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET allow_community_extensions = false",
+    "SET enable_external_access = false",
+    "SET lock_configuration = true",
+)
+REFUSAL = "the store changes only through ingest, embed and fold"
+
+
+class ReadOnlyError(Exception):
+    """A statement that would write was given to the read-only SQL entry point."""
+
+
+class StoreFormatError(Exception):
+    """The store was written by a newer proteoflow (or its manifest is unreadable): refuse, do not guess."""
+
+
+class QueryTimeout(Exception):
+    """A query ran past its time limit and was interrupted."""
+
+
+# ------------------------------------------------------------------------------------------- types, quoting
 
 
 def _duckdb_type(kind: pa.DataType) -> str:
@@ -26,7 +70,7 @@ def _duckdb_type(kind: pa.DataType) -> str:
     if pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
         return _duckdb_type(kind.value_type) + "[]"
     if pa.types.is_struct(kind):
-        return "STRUCT(" + ", ".join(f"\"{f.name}\" {_duckdb_type(f.type)}" for f in kind) + ")"
+        return "STRUCT(" + ", ".join(f'"{f.name}" {_duckdb_type(f.type)}' for f in kind) + ")"
     if pa.types.is_floating(kind):
         return "FLOAT" if kind.bit_width <= 32 else "DOUBLE"
     if pa.types.is_timestamp(kind):
@@ -40,15 +84,24 @@ def _duckdb_type(kind: pa.DataType) -> str:
     }[kind]
 
 
-def _empty_views() -> dict[str, str]:
-    """Typed, empty column lists for tables with no files yet, so queries on a new store still bind."""
-    views = {}
-    for table, schema in TABLE_SCHEMAS.items():
-        columns = [f"NULL::{_duckdb_type(f.type)} AS {f.name}" for f in schema]
-        if table in HIVE_TABLES:
-            columns.insert(0, "NULL::VARCHAR AS run_id")
-        views[table] = ", ".join(columns)
-    return views
+def view_columns(table: str) -> list[tuple[str, str]]:
+    """(column, DuckDB type) of a view as ``sql`` exposes it, from the table's schema (vectors as FLOAT[D])."""
+    schema = TABLE_SCHEMAS[table]
+    columns = [("run_id", "VARCHAR")] if table in HIVE_TABLES else []
+    for f in schema:
+        kind = _duckdb_type(f.type)
+        if table in VECTOR_TABLES and f.name == "embedding":
+            kind = "FLOAT[D]" + ("[]" if table == "residue_embeddings" else "")
+        columns.append((f.name, kind))
+    return columns
+
+
+def _empty_select(table: str) -> str:
+    """A typed, empty SELECT for a table with no files yet, so queries on a new store still bind."""
+    columns = [f"NULL::{_duckdb_type(f.type)} AS {f.name}" for f in TABLE_SCHEMAS[table]]
+    if table in HIVE_TABLES:
+        columns.insert(0, "NULL::VARCHAR AS run_id")
+    return f"SELECT {', '.join(columns)} WHERE false"
 
 
 def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
@@ -56,10 +109,6 @@ def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     relation = con.sql(sql)
     method = getattr(relation, "to_arrow_table", None) or relation.arrow
     return method()
-
-
-class ReadOnlyError(Exception):
-    """A statement that would write was given to the read-only SQL entry point."""
 
 
 def _quote(path: Path | str) -> str:
@@ -71,91 +120,362 @@ def file_list(files: list[Path]) -> str:
     return "[" + ", ".join(_quote(f) for f in files) + "]"
 
 
-def _vector_dims(files: list[Path], column: str = "embedding") -> dict[Path, int]:
-    """The fixed vector width of each file's ``column`` (from the Arrow schema in its footer)."""
-    dims = {}
-    for path in files:
-        kind = pq.read_schema(path).field(column).type
-        if pa.types.is_list(kind):  # per-residue: a list of fixed-size vectors
-            kind = kind.value_type
-        dims[path] = getattr(kind, "list_size", -1)
-    return dims
+# ------------------------------------------------------------------------------------ store files, damage
 
 
-def _vector_views(name: str, files: list[Path], per_residue: bool) -> list[str]:
-    """``name`` with ``embedding`` as FLOAT[D] (or FLOAT[D][]); mixed widths add one ``name_dD`` view each."""
-    by_dim: dict[int, list[Path]] = {}
-    for path, dim in _vector_dims(files).items():
-        by_dim.setdefault(dim, []).append(path)
-    suffix = "[]" if per_residue else ""
-    statements = []
-    for dim, group in sorted(by_dim.items()):
-        cast = f"embedding::FLOAT[{dim}]{suffix}" if dim > 0 else f"embedding::FLOAT[]{suffix}"
-        select = f"SELECT * REPLACE ({cast} AS embedding) FROM read_parquet({file_list(group)}, union_by_name=true)"
-        statements.append(f"CREATE OR REPLACE VIEW {name}_d{dim} AS {select}")
-        if len(by_dim) == 1:
-            statements.append(f"CREATE OR REPLACE VIEW {name} AS {select}")
-    if len(by_dim) > 1:
-        # Vectors of different widths cannot share one FLOAT[D] column: the umbrella view keeps FLOAT[].
-        parts = " UNION ALL BY NAME ".join(
-            f"SELECT * REPLACE (embedding::FLOAT[]{suffix} AS embedding) FROM {name}_d{dim}"
-            for dim in sorted(by_dim)
-        )
-        statements.append(f"CREATE OR REPLACE VIEW {name} AS {parts}")
-    return statements
-
-
-def view_statements(root: str | Path) -> list[str]:
-    """The DDL that defines every view over the store's current files (empty, typed views for absent tables)."""
+def check_format(root: str | Path) -> Store:
+    """The store at ``root``; FileNotFoundError when it is none, StoreFormatError when it is too new."""
     store = Store(root)
-    statements = []
-    empty: dict[str, str] = {}
-    for table in Store.TABLES:
-        files = store.files(table)
-        if table in VECTOR_TABLES and files:
-            statements += _vector_views(table, files, per_residue=table == "residue_embeddings")
-        elif not files:
-            empty = empty or _empty_views()
-            statements.append(f"CREATE OR REPLACE VIEW {table} AS SELECT {empty[table]} WHERE false")
-        else:
-            hive = table in HIVE_TABLES
-            options = ", hive_partitioning=true, hive_types={'run_id': VARCHAR}" if hive else ""
-            columns = "run_id, * EXCLUDE (run_id)" if hive else "*"
-            statements.append(
-                f"CREATE OR REPLACE VIEW {table} AS SELECT {columns} FROM "
-                f"read_parquet({file_list(files)}, union_by_name=true{options})"
-            )
-    return statements
-
-
-def open_catalog(root: str | Path) -> duckdb.DuckDBPyConnection:
-    """Open an in-memory DuckDB with one view per store table."""
-    if not Store(root).exists():
+    manifest = store.root / "proteoflow.json"
+    if not manifest.exists():
         raise FileNotFoundError(
             f"{root}: not a proteoflow store (no proteoflow.json); run `proteoflow ingest` first"
         )
+    try:
+        version = json.loads(manifest.read_text())["format_version"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreFormatError(f"{manifest}: unreadable store manifest ({exc})") from None
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{root}: store format version {version} is newer than this proteoflow reads "
+            f"({FORMAT_VERSION}); upgrade proteoflow"
+        )
+    return store
+
+
+def table_pattern(table: str) -> str:
+    """Where a table's files lie under its directory, as a glob (Python's and DuckDB's alike)."""
+    if table in HIVE_TABLES:
+        return f"run_id=*/{PARQUET_GLOB}"
+    if table in RESULT_TABLES:
+        return f"[!.]*/{PARQUET_GLOB}"  # one directory per model identity
+    return PARQUET_GLOB
+
+
+def table_files(store: Store, table: str) -> list[Path]:
+    """A table's committed files where its layout puts them (hidden temporaries and directories excluded)."""
+    base = store.table_dir(table)
+    if not base.is_dir():
+        return []
+    found = base.glob(table_pattern(table))
+    return sorted(
+        p for p in found if p.is_file() and not any(s.startswith(".") for s in p.relative_to(base).parts)
+    )
+
+
+def _footer_schema(path: Path) -> pa.Schema:
+    """The Arrow schema in a Parquet file's footer; raises on a file that cannot be Parquet."""
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    return pq.read_metadata(path).schema.to_arrow_schema()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+@dataclass
+class StoreScan:
+    """Each table's sound files with their footer schemas, and the files that could not be read."""
+
+    sound: dict[str, list[tuple[Path, pa.Schema]]] = field(default_factory=dict)
+    damaged: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def scan_store(store: Store) -> StoreScan:
+    """Read every file's footer once: the schemas the views need, and the damaged files to skip."""
+    scan = StoreScan()
+    for table in Store.TABLES:
+        scan.sound[table] = []
+        for path in table_files(store, table):
+            try:
+                scan.sound[table].append((path, _footer_schema(path)))
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                scan.damaged.append((path, _one_line(exc)))
+    return scan
+
+
+def damaged_files(store: str | Path | Store) -> list[tuple[Path, str]]:
+    """Every table file whose Parquet footer cannot be read, with a one-line reason (footers only: cheap)."""
+    return scan_store(store if isinstance(store, Store) else Store(store)).damaged
+
+
+# ------------------------------------------------------------------------------------------- schemas, views
+
+
+def _widen(kind: pa.DataType) -> pa.DataType:
+    """float16 as float32 (DuckDB has no half floats), inside lists and structs too."""
+    if pa.types.is_float16(kind):
+        return pa.float32()
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(_widen(kind.value_type), kind.list_size)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return pa.list_(_widen(kind.value_type))
+    if pa.types.is_struct(kind):
+        return pa.struct([f.with_type(_widen(f.type)) for f in kind])
+    return kind
+
+
+def _vector_dim(schema: pa.Schema) -> int:
+    """The fixed width of ``embedding`` (per-residue: of its vectors); 0 when it has none."""
+    kind = schema.field("embedding").type if "embedding" in schema.names else pa.null()
+    if pa.types.is_list(kind):
+        kind = kind.value_type
+    return kind.list_size if pa.types.is_fixed_size_list(kind) else 0
+
+
+def _merge(table: str, files: list[tuple[Path, pa.Schema]], damaged: list) -> tuple[pa.Schema, list[Path]]:
+    """One schema for files read together (columns by name, as DuckDB's union_by_name); a file that cannot
+    join the others is damaged."""
+    schema: pa.Schema | None = None
+    kept = []
+    for path, own in files:
+        own = pa.schema([f.with_type(_widen(f.type)) for f in own])
+        try:
+            schema = own if schema is None else pa.unify_schemas([schema, own], promote_options="permissive")
+        except (pa.ArrowException, ValueError) as exc:
+            damaged.append((path, f"columns do not match the other {table} files ({_one_line(exc)})"))
+            continue
+        kept.append(path)
+    return schema, kept
+
+
+def _groups(table: str, files: list) -> dict[int, list]:
+    """Files read together: by vector width for the vector tables (FLOAT[D] needs one D), else all."""
+    if table not in VECTOR_TABLES:
+        return {0: files} if files else {}
+    groups: dict[int, list] = {}
+    for item in files:
+        groups.setdefault(_vector_dim(item[1]), []).append(item)
+    return dict(sorted(groups.items()))
+
+
+def table_ddl(table: str, sources: dict[int, str], typed: bool = False) -> list[str]:
+    """The views of one table over its sources (FROM-able SQL, keyed by vector width; one key 0 otherwise):
+    ``embedding`` as FLOAT[D] (or FLOAT[D][]), mixed widths add one ``<table>_d<D>`` view each and leave
+    FLOAT[] in the umbrella view; no source: a typed, empty view. ``typed``: the sources already give
+    FLOAT[D] (Arrow fixed-size lists), so no cast (a cast copies every vector)."""
+    if not sources:
+        return [f"CREATE OR REPLACE VIEW {table} AS {_empty_select(table)}"]
+    columns = "run_id, * EXCLUDE (run_id)" if table in HIVE_TABLES else "*"
+    if table not in VECTOR_TABLES:
+        [source] = sources.values()
+        return [f"CREATE OR REPLACE VIEW {table} AS SELECT {columns} FROM {source}"]
+    suffix = "[]" if table == "residue_embeddings" else ""
+    statements, parts = [], []
+    for dim, source in sources.items():
+        width = f"[{dim}]" if dim else "[]"
+        select = f"SELECT * REPLACE (embedding::FLOAT{width}{suffix} AS embedding) FROM {source}"
+        if typed and dim:
+            select = f"SELECT * FROM {source}"
+        if dim:
+            statements.append(f"CREATE OR REPLACE VIEW {table}_d{dim} AS {select}")
+        parts.append(f"SELECT * REPLACE (embedding::FLOAT[]{suffix} AS embedding) FROM {source}")
+        if len(sources) == 1:
+            statements.append(f"CREATE OR REPLACE VIEW {table} AS {select}")
+    if len(sources) > 1:
+        statements.append(f"CREATE OR REPLACE VIEW {table} AS {' UNION ALL BY NAME '.join(parts)}")
+    return statements
+
+
+def _glob_source(store: Store, table: str, paths: list[Path]) -> str:
+    """read_parquet over store-relative globs: the whole table, or the model directories of one width."""
+    if table in VECTOR_TABLES:
+        dirs = sorted({p.parent.relative_to(store.root).as_posix() for p in paths})
+        globs = file_list([f"{d}/{PARQUET_GLOB}" for d in dirs])
+    else:
+        globs = _quote(f"{table}/{table_pattern(table)}")
+    options = ", hive_partitioning=true, hive_types={'run_id': VARCHAR}" if table in HIVE_TABLES else ""
+    return f"read_parquet({globs}, union_by_name=true{options})"
+
+
+def catalog_statements(root: str | Path) -> list[str]:
+    """The DDL of ``catalog.sql``: every view over relative globs, valid while files are added."""
+    store = check_format(root)
+    scan = scan_store(store)
+    statements = []
+    for table in Store.TABLES:
+        groups = _groups(table, scan.sound[table])
+        sources = {dim: _glob_source(store, table, [p for p, _ in files]) for dim, files in groups.items()}
+        statements += table_ddl(table, sources)
+    return statements
+
+
+def write_catalog(root: str | Path) -> Path:
+    """Write ``catalog.sql`` (relative globs; its first line says how to read it); returns its path.
+
+    Call after a change that adds a table's first file or a new model directory: other new files already
+    match the globs."""
+    path = Path(root) / CATALOG_FILE
+    write_bytes_atomic(path, (USAGE + ";\n".join(catalog_statements(root)) + ";\n").encode())
+    return path
+
+
+# ------------------------------------------------------------------------------------------ sealed session
+
+
+@dataclass
+class Catalog:
+    """A sealed DuckDB session over a store, and the damaged files its views leave out."""
+
+    con: duckdb.DuckDBPyConnection
+    damaged: list[tuple[Path, str]]
+
+
+def _dataset(store: Store, table: str, schema: pa.Schema, paths: list[Path]) -> ds.Dataset:
+    """A pyarrow dataset over sound files, typed by their merged schema (run_id from the directory)."""
+    if table not in HIVE_TABLES:
+        return ds.dataset([str(p) for p in paths], schema=schema, format="parquet")
+    run_id = pa.schema([("run_id", pa.string())])
+    return ds.dataset(
+        [str(p) for p in paths],
+        schema=schema.append(run_id.field(0)) if "run_id" not in schema.names else schema,
+        format="parquet",
+        partitioning=ds.partitioning(run_id, flavor="hive"),
+        partition_base_dir=str(store.table_dir(table)),
+    )
+
+
+def _register(con: duckdb.DuckDBPyConnection, store: Store, scan: StoreScan) -> list[str]:
+    """Register each sound file group as an Arrow dataset; returns the DDL of the views over them."""
+    statements = []
+    for table in Store.TABLES:
+        sources = {}
+        for dim, files in _groups(table, scan.sound[table]).items():
+            schema, paths = _merge(table, files, scan.damaged)
+            if paths:
+                name = f"_files_{table}" + (f"_d{dim}" if table in VECTOR_TABLES else "")
+                con.register(name, _dataset(store, table, schema, paths))
+                sources[dim] = name
+        statements += table_ddl(table, sources, typed=True)
+    return statements
+
+
+def _seal(con: duckdb.DuckDBPyConnection, statements: list[str]) -> None:
+    """Create the views in a database file, attach it read-only as the only catalog, and switch DuckDB's
+    file system, extension loading and configuration off: nothing run afterwards can write or escape."""
+    with tempfile.TemporaryDirectory(prefix="proteoflow-sql-") as tmp:
+        path = _quote(Path(tmp) / "views.duckdb")
+        con.execute(f"ATTACH {path} AS build")
+        con.execute("USE build")
+        for statement in statements:
+            con.execute(statement)
+        con.execute("USE memory")
+        con.execute("DETACH build")
+        con.execute(f"ATTACH {path} AS store (READ_ONLY)")
+        con.execute("USE store")
+        con.execute("DETACH memory")
+    # Spill big sorts and joins outside the store (DuckDB's default is ./.tmp, maybe the store itself).
+    spill = Path(tempfile.gettempdir()) / f"proteoflow-sql-{uuid.uuid4().hex[:12]}"
+    con.execute(f"SET temp_directory = {_quote(spill)}")
+    for setting in SESSION_SETTINGS:
+        con.execute(setting)
+
+
+def connect(root: str | Path) -> Catalog:
+    """A sealed, read-only DuckDB session with one view per store table (damaged files left out)."""
+    store = check_format(root)
+    scan = scan_store(store)
     con = duckdb.connect(":memory:")
-    for statement in view_statements(root):
-        con.execute(statement)
-    return con
+    try:
+        _seal(con, _register(con, store, scan))
+    except BaseException:
+        con.close()
+        raise
+    return Catalog(con, scan.damaged)
+
+
+def open_catalog(root: str | Path) -> duckdb.DuckDBPyConnection:
+    """A sealed, read-only DuckDB session with one view per store table (see :func:`connect`)."""
+    return connect(root).con
 
 
 def refresh_catalog(root: str | Path) -> dict[str, int]:
-    """Check every view answers, and write ``catalog.sql`` so any DuckDB client can `.read` the same views."""
+    """Check every view answers (row counts by view), and rewrite ``catalog.sql``."""
     con = open_catalog(root)
-    counts = {
-        name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
-        for (name,) in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
-    }
-    header = "-- proteoflow views over this store's Parquet files; in the duckdb CLI: .read catalog.sql\n"
-    write_bytes_atomic(
-        Path(root) / "catalog.sql", (header + ";\n".join(view_statements(root)) + ";\n").encode()
-    )
+    names = con.execute("SELECT view_name FROM duckdb_views() WHERE database_name = 'store'").fetchall()
+    counts = {name: con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] for (name,) in names}
+    write_catalog(root)
     return counts
 
 
+# ------------------------------------------------------------------------------------------ the SQL check
+
+
+def _explained(sql: str) -> tuple[bool, str]:
+    """Whether an EXPLAIN statement is an ANALYZE form (which runs what it explains), and the text of the
+    statement it explains, found with DuckDB's tokenizer after the grammar's options."""
+    found = [(start, sql[start:end].strip()) for (start, _), end in _spans(sql)]
+    words = [w.strip('"').upper() for _, w in found]
+    i, analyze = 1, False
+    if i < len(words) and words[i] == "(":
+        depth, i = 1, i + 1
+        while i < len(words) and depth:
+            depth += {"(": 1, ")": -1}.get(words[i], 0)
+            analyze |= words[i] in ("ANALYZE", "ANALYSE")
+            i += 1
+    else:
+        if i < len(words) and words[i] in ("ANALYZE", "ANALYSE"):
+            analyze, i = True, i + 1
+        if i < len(words) and words[i] == "VERBOSE":
+            i += 1
+    return analyze, sql[found[i][0] :] if i < len(found) else ""
+
+
+def _spans(sql: str) -> list[tuple[tuple[int, object], int]]:
+    """Non-comment tokens of ``sql`` with their end offsets."""
+    found = duckdb.tokenize(sql)
+    ends = [start for start, _ in found[1:]] + [len(sql)]
+    return [(tok, end) for tok, end in zip(found, ends, strict=True) if tok[1] != duckdb.token_type.comment]
+
+
+def _first_word(sql: str) -> str:
+    spans = _spans(sql)
+    return sql[spans[0][0][0] : spans[0][1]].strip().upper() if spans else "empty"
+
+
+def _is_query(con: duckdb.DuckDBPyConnection, sql: str) -> bool:
+    """Whether DuckDB parses ``sql`` as a subquery: only a query can stand there (PIVOT without an IN list
+    parses as a MULTI statement, whose parts the Python API does not show)."""
+    try:
+        wrapped = con.extract_statements(f"SELECT * FROM (\n{sql}\n)")
+    except duckdb.Error:
+        return False
+    return len(wrapped) == 1
+
+
+def refusal(con: duckdb.DuckDBPyConnection, statement: duckdb.Statement) -> str | None:
+    """The kind of a parsed statement that is refused (e.g. ``COPY``, ``EXPLAIN ANALYZE``), or None for a
+    query: SELECT in all its forms (WITH, VALUES, PIVOT, DESCRIBE, SUMMARIZE, SHOW) and a plain EXPLAIN."""
+    kind = statement.type.name
+    if kind == "MULTI":  # PIVOT without an IN list, alone or inside another statement
+        kind = "EXPLAIN" if _first_word(statement.query) == "EXPLAIN" else kind
+        if kind == "MULTI":
+            return None if _is_query(con, statement.query) else _first_word(statement.query)
+    if kind == "EXPLAIN":
+        return _explain_refusal(con, statement.query)
+    return None if kind == "SELECT" else kind.replace("_", " ")
+
+
+def _explain_refusal(con: duckdb.DuckDBPyConnection, sql: str) -> str | None:
+    """EXPLAIN ANALYZE runs what it explains, so it is refused in every form; a plain EXPLAIN must explain
+    a query."""
+    analyze, inner = _explained(sql)
+    if analyze:
+        return "EXPLAIN ANALYZE"
+    try:
+        parts = con.extract_statements(inner)
+    except duckdb.Error:
+        return "EXPLAIN of something other than a query"
+    if len(parts) != 1 or _first_word(parts[0].query) == "EXPLAIN":
+        return "EXPLAIN of something other than a query"
+    why = refusal(con, parts[0])
+    return None if why is None else f"EXPLAIN of {why}"
+
+
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """Refuse any statement that is not a query, naming it, before anything runs."""
+    """Refuse anything but queries, by DuckDB's parser, naming the statement kind, before anything runs."""
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as exc:
@@ -163,20 +483,67 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     if not statements:
         raise ReadOnlyError("no SQL statement given")
     for statement in statements:
-        kind = statement.type.name
-        if kind == "EXPLAIN" and re.match(r"\s*explain\s+analy[sz]e\b", statement.query, re.IGNORECASE):
-            kind = "EXPLAIN ANALYZE"  # runs the explained statement, which may write
-        if kind not in READ_ONLY_STATEMENTS:
-            raise ReadOnlyError(
-                f"proteoflow sql is read-only: a {kind} statement is refused "
-                "(the store changes only through ingest, embed and fold)"
-            )
+        why = refusal(con, statement)
+        if why is not None:
+            raise ReadOnlyError(f"read-only: {why} statements are refused ({REFUSAL})")
 
 
-def query(root: str | Path, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run read-only SQL over the store's views; returns column names and rows."""
-    con = open_catalog(root)
-    check_read_only(con, sql)
-    result = con.execute(sql)
-    columns = [d[0] for d in result.description] if result.description else []
-    return columns, result.fetchall()
+# ------------------------------------------------------------------------------------------------ running
+
+
+def run_query(
+    con: duckdb.DuckDBPyConnection, sql: str, timeout: float | None = None
+) -> tuple[list[str], list[tuple]]:
+    """Run ``sql`` on a worker thread so Ctrl-C (KeyboardInterrupt, re-raised) and ``timeout`` (QueryTimeout)
+    interrupt DuckDB within a fraction of a second."""
+    outcome: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            result = con.execute(sql)
+            outcome["columns"] = [d[0] for d in result.description] if result.description else []
+            outcome["rows"] = result.fetchall()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="proteoflow-sql", daemon=True)
+    worker.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while worker.is_alive():
+            worker.join(0.05)
+            if deadline is not None and time.monotonic() > deadline and worker.is_alive():
+                _stop(con, worker)
+                raise QueryTimeout(f"query timed out after {timeout:g} s (--timeout)")
+    except KeyboardInterrupt:
+        _stop(con, worker)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["columns"], outcome["rows"]  # type: ignore[return-value]
+
+
+def _stop(con: duckdb.DuckDBPyConnection, worker: threading.Thread, wait_s: float = 1.0) -> None:
+    """Interrupt the running query (again, should it not have started yet) until the worker returns."""
+    deadline = time.monotonic() + wait_s
+    while worker.is_alive() and time.monotonic() < deadline:
+        con.interrupt()
+        worker.join(0.02)
+
+
+def query(
+    root: str | Path,
+    sql: str,
+    timeout: float | None = None,
+    warn: Callable[[Path, str], None] | None = None,
+) -> tuple[list[str], list[tuple]]:
+    """Run read-only SQL over the store's views; returns column names and rows. ``warn`` hears each
+    damaged file that was left out."""
+    catalog = connect(root)
+    for path, reason in catalog.damaged:
+        if warn is not None:
+            warn(path, reason)
+    check_read_only(catalog.con, sql)
+    result = run_query(catalog.con, sql, timeout)
+    catalog.con.close()  # not on failure: an interrupted query may still be unwinding on its thread
+    return result
