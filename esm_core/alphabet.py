@@ -1,5 +1,6 @@
 """ESM vocabulary and a vectorised tokenizer: one numpy table lookup per batch instead of per-character
-Python work. Ids are those of fair-esm's ESM-1b/ESM-2 alphabet and transformers' EsmTokenizer."""
+Python work. Ids are those of fair-esm's ESM-1b/ESM-2 alphabet and transformers' EsmTokenizer. Sequences
+are normalised by ingest's rule before they are tokenised, by the embedding and the folding engines."""
 
 from __future__ import annotations
 

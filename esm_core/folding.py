@@ -1,6 +1,6 @@
 """ESMFold structure prediction on transformers' ``EsmForProteinFolding``: loading (through
 :mod:`esm_core.sources`, shared with the embedding models), token-budget batching, complexes,
-per-sequence confidence and out-of-memory back-off. No Ray, Prefect or storage knowledge here."""
+per-sequence confidence and out-of-memory back-off. No Ray, Prefect or store layout here."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import logging as hub_logging
 from transformers.utils import logging as hf_logging
 
 from esm_core.sources import CheckpointMismatchError, ModelNotFoundError, Source, first_line
@@ -22,15 +23,19 @@ BUFFER_KEYS = re.compile(r"(^|\.)(position_ids|inv_freq)$")
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """transformers (and huggingface_hub) silent for the duration: errors only, no progress bars
-    ("Loading weights", "Writing model shards"); the previous settings are restored afterwards."""
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    """transformers and huggingface_hub silent for the duration: errors only (no load reports, no
+    download retry chatter), no progress bars ("Loading weights", "Writing model shards"); the previous
+    settings are restored afterwards."""
+    verbosity, hub_verbosity = hf_logging.get_verbosity(), hub_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        hub_logging.set_verbosity(hub_verbosity)
         if bars:
             hf_logging.enable_progress_bar()
 

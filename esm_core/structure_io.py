@@ -71,7 +71,9 @@ _ATOM_SITE_FIELDS = (
 
 
 def cif_block_name(key: str) -> str:
-    """A data-block name safe for any CIF reader: characters outside [A-Za-z0-9_.-] become '_'."""
+    """The mmCIF ``data_`` block name (and ``_entry.id``) written inside the file, not a file name:
+    characters outside [A-Za-z0-9_.-] become '_' so every CIF reader parses it. File names of exported
+    structures are the exporter's business (flows/export.py); keys are seq_hash hex, unchanged here."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", key) or "structure"
 
 
