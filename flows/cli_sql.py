@@ -103,7 +103,18 @@ def _warn_damaged(path: Path, reason: str) -> None:
     sys.stderr.write(f"proteoflow sql: warning: skipped damaged file {path} ({reason})\n")
 
 
+def one_line(message: str) -> str:
+    """DuckDB's message on one line: the caret picture of the query dropped, the rest joined."""
+    lines = [line.strip() for line in message.splitlines()]
+    kept = [line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"}]
+    text = " ".join(kept)
+    # A page that fails to decode surfaces through the Arrow stream the view reads: name the table instead.
+    return re.sub(r"the stream registered as '_files_([a-z_]+?)(_d\d+)?'", r"the \1 files", text)
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
     from flows.output import write_result
     from storage.catalog import QueryTimeout, StoreFormatError, query
 
@@ -112,5 +123,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         columns, rows = query(require_store(args), sql, timeout=args.timeout, warn=_warn_damaged)
     except (QueryTimeout, StoreFormatError) as exc:
         raise CliError(str(exc)) from None
+    except duckdb.Error as exc:
+        raise type(exc)(one_line(str(exc))) from None
     write_result(columns, rows, args.format)
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +67,7 @@ def test_contract_views_exist_even_when_empty(store: Path) -> None:
         "SELECT 1; DELETE FROM members",
         "EXPLAIN ANALYZE COPY (SELECT 42) TO 'x.csv'",
         "explain  analyse CREATE TABLE t AS SELECT 1",
+        "EXPLAIN (ANALYZE) SELECT 1",
         "PRAGMA import_database('somewhere')",
     ],
 )
@@ -74,8 +78,11 @@ def test_writes_are_refused(store: Path, statement: str) -> None:
 
 
 def test_sql_errors_and_missing_store_are_one_line(tmp_path: Path, store: Path) -> None:
-    bad = run_cli("sql", "--store", str(store), "SELEC 1")
-    assert bad.returncode == 2 and bad.stderr.count(b"\n") <= 3 and b"Traceback" not in bad.stderr
+    for query in ("SELEC 1", "SELECT nope FROM members", "SELECT 1 +"):
+        bad = run_cli("sql", "--store", str(store), query)
+        assert bad.returncode == 2 and bad.stderr.count(b"\n") == 1, bad.stderr
+        assert bad.stderr.startswith(b"proteoflow sql: SQL error: ") and b"Traceback" not in bad.stderr
+    assert b"Candidate bindings" in run_cli("sql", "--store", str(store), "SELECT nope FROM members").stderr
     missing = run_cli("sql", "--store", str(tmp_path / "none"), "SELECT 1")
     assert missing.returncode == 2 and b"not a proteoflow store" in missing.stderr
 
@@ -85,10 +92,58 @@ def test_sql_does_not_import_ray_prefect_or_torch(store: Path) -> None:
         "import sys, flows.cli as c; c.main(['sql','--store',sys.argv[1],'SELECT 1']); "
         "print(sorted(m for m in ('ray','prefect','torch','transformers') if m in sys.modules))"
     )
-    import subprocess
-    import sys
-
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-c", probe, str(store)], capture_output=True, check=True)
     assert out.stdout.decode().strip().splitlines()[-1] == "[]"
     assert time.monotonic() - started < 30  # generous; the point is that nothing heavy is started
+
+
+SLOW = "SELECT count(*) FROM range(1000000) a, range(1000000) b WHERE a.range + b.range = -1"
+
+
+def test_timeout_stops_a_slow_query_with_one_line(store: Path) -> None:
+    started = time.monotonic()
+    result = run_cli("sql", "--store", str(store), "--timeout", "1", SLOW, timeout=60)
+    assert result.returncode == 2 and time.monotonic() - started < 20
+    assert result.stderr == b"proteoflow sql: error: query timed out after 1 s (--timeout)\n"
+    bad = run_cli("sql", "--store", str(store), "--timeout", "0", "SELECT 1")
+    assert bad.returncode == 2 and b"positive number of seconds" in bad.stderr
+
+
+def test_ctrl_c_stops_a_running_query_within_a_second(store: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "sql", "--store", str(store), SLOW],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    time.sleep(3)  # started (about half a second) and deep in the query
+    assert proc.poll() is None
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 1.0
+    assert proc.returncode == 130 and err == b"proteoflow sql: interrupted\n"
+
+
+def test_control_characters_are_escaped_in_table_and_csv_and_json_stays_valid(tmp_path: Path) -> None:
+    fasta = tmp_path / "odd.fasta"
+    fasta.write_bytes(b">sp|ODD|X \x1b[31mred\x1b[0m\tTAB\x07bell\rCR\nMKVLAAGIVG\n")
+    root = tmp_path / "store"
+    ingest(Store(root), [str(fasta)])
+    query = "SELECT description, 'a' || chr(0) || 'b' AS nul, chr(27) || '[2J' AS \"col\x1b\" FROM members"
+    table = run_cli("sql", "--store", str(root), query)
+    assert table.returncode == 0, table.stderr
+    text = table.stdout.decode()
+    assert "\\x1b[31mred\\x1b[0m\\tTAB\\x07bell\\rCR" in text and "a\\x00b" in text and "col\\x1b" in text
+    assert not any(ch in text for ch in "\x1b\x07\r\x00\t")
+    out = run_cli("sql", "--store", str(root), "--format", "csv", query).stdout.decode()
+    [header, row] = list(csv.reader(io.StringIO(out)))
+    assert header[2] == "col\\x1b" and row[0].startswith("\\x1b[31mred") and row[1] == "a\\x00b"
+    assert not any(ch in out for ch in "\x1b\x07\r\x00\t")
+    as_json = run_cli("sql", "--store", str(root), "--format", "json", query).stdout
+    [record] = json.loads(as_json)
+    assert record["description"].startswith("\x1b[31mred") and record["nul"] == "a\x00b"
+    assert b"\x1b" not in as_json
+    nan = run_cli("sql", "--store", str(root), "--format", "json", "SELECT 'nan'::DOUBLE AS x").stdout
+    assert json.loads(nan) == [{"x": None}]
