@@ -11,21 +11,25 @@ import signal
 import socket
 from pathlib import Path
 
-from flows.engines import ShardOutput, build_engine
+from flows.engines import EngineIdentity, EngineOptions, ShardOutput, build_engine
 
 
 class ShardWorker:
     """Loads one model once, then computes whichever shard the driver hands it next."""
 
-    def __init__(self, kind: str, model: str, options: dict, threads: int | None = None) -> None:
+    def __init__(self, kind: str, model: str, options: EngineOptions, threads: int | None = None) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.engine = build_engine(kind, model, options)
 
-    def identity(self) -> dict:
+    def identity(self) -> EngineIdentity:
         return self.engine.identity()
+
+    def progress(self) -> int:
+        """Residues finished so far in the shard being computed (answered while it runs: a threaded actor)."""
+        return self.engine.progress
 
     def where(self) -> dict:
         """Host, process and Ray node of this actor, for the shard records and the spread test."""

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import textwrap
+from dataclasses import asdict
 
 from flows import cli_compute, cli_sql
 from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
@@ -94,15 +95,15 @@ def print_ingest_summary(result, out=sys.stderr) -> None:
         out.write(f"already ingested as run {result.run_id}: nothing changed; that run's counts were:\n")
     lines = [
         f"run           {result.run_id}",
-        f"records       {c.get('records', 0):,} ({human_bytes(c.get('bytes', 0))})",
-        f"accepted      {c.get('accepted', 0):,} ({c.get('residues', 0):,} residues)",
-        f"duplicates    {c.get('duplicates', 0):,} (same sequence as an earlier record of this run)",
-        f"new sequences {c.get('new_sequences', 0):,} ({c.get('already_in_store', 0):,} already in the store)",
-        f"rejected      {c.get('rejected', 0):,}",
+        f"records       {c.records:,} ({human_bytes(c.bytes)})",
+        f"accepted      {c.accepted:,} ({c.residues:,} residues)",
+        f"duplicates    {c.duplicates:,} (same sequence as an earlier record of this run)",
+        f"new sequences {c.new_sequences:,} ({c.already_in_store:,} already in the store)",
+        f"rejected      {c.rejected:,}",
     ]
-    lines += [f"  {rule:<12}{n:,}" for rule, n in c.get("rejected_by_rule", {}).items()]
-    if c.get("skipped_files"):
-        lines.append(f"skipped       {c['skipped_files']} non-FASTA file(s) in input directories")
+    lines += [f"  {rule:<12}{n:,}" for rule, n in c.rejected_by_rule.items()]
+    if c.skipped_files:
+        lines.append(f"skipped       {c.skipped_files} non-FASTA file(s) in input directories")
     out.write("\n".join(lines) + "\n")
 
 
@@ -138,7 +139,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"run_id": result.run_id, "already_ingested": result.already_ingested, **result.counts}
+                {
+                    "run_id": result.run_id,
+                    "already_ingested": result.already_ingested,
+                    **asdict(result.counts),
+                }
             )
         )
     else:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import textwrap
+from typing import TextIO
 
 from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
 from flows.errors import CliError
@@ -64,7 +65,14 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="send proteoflow's packages to the cluster's workers (runtime_env py_modules)",
     )
-    g.add_argument("--no-progress", action="store_true", help="no live progress line")
+    g.add_argument(
+        "--no-progress", action="store_true", help="no live progress bar (the summary is still printed)"
+    )
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Prefect's, Ray's and the workers' messages too (they are always kept in STORE/logs/RUN.log)",
+    )
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
@@ -208,34 +216,61 @@ def _chunk_size(text: str) -> int | str | None:
     if text == "none":
         return None
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise CliError(f"--chunk-size takes a number, auto or none, not {text!r}") from None
+        raise CliError(f"--chunk-size takes a positive number, auto or none, not {text!r}") from None
+    if value < 1:
+        raise CliError(f"--chunk-size takes a positive number, auto or none, not {text!r}")
+    return value
+
+
+POOLINGS = ("mean", "bos")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Option errors a user can make, reported before anything starts (one line each)."""
+    if args.min_length and args.max_length and args.min_length > args.max_length:
+        raise CliError(f"--min-length {args.min_length} is greater than --max-length {args.max_length}")
+    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
+        raise CliError(f"--cpus-per-worker must be positive, got {args.cpus_per_worker:g}")
+    if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
+        raise CliError(f"--gpus-per-worker must be 0 or more, got {args.gpus_per_worker:g}")
+    if args.kind == "embed":
+        unknown = [p for p in args.pooling if p not in POOLINGS]
+        if unknown or not args.pooling:
+            raise CliError(
+                f"--pooling takes {' and/or '.join(POOLINGS)}, not {','.join(unknown) or 'nothing'}"
+            )
+        if not args.layers:
+            raise CliError("--layers needs at least one layer (e.g. -1 for the last)")
+    elif args.num_recycles is not None and args.num_recycles < 0:
+        raise CliError(f"--num-recycles must be 0 or more, got {args.num_recycles}")
 
 
 def build_job(args: argparse.Namespace):
     """Translate parsed arguments into the flow's plain-data Job."""
-    from flows.pipeline import Job
-    from flows.pool import PoolOptions
+    from flows.engines import EmbedOptions, FoldOptions
+    from flows.job import Job, PoolOptions
 
+    check_options(args)
     if args.kind == "embed":
-        options = {
-            "layers": args.layers,
-            "poolings": args.pooling,
-            "per_residue": args.per_residue,
-            "contacts": args.contacts,
-            "long_strategy": args.long_strategy,
-            "precision": args.precision,
-            "max_tokens": args.max_tokens,
-            "dtype": args.dtype,
-        }
+        options = EmbedOptions(
+            layers=tuple(args.layers),
+            poolings=tuple(dict.fromkeys(args.pooling)),
+            per_residue=args.per_residue,
+            contacts=args.contacts,
+            long_strategy=args.long_strategy,
+            precision=args.precision,
+            max_tokens=args.max_tokens,
+            dtype=args.dtype,
+        )
     else:
-        options = {
-            "num_recycles": args.num_recycles,
-            "chunk_size": _chunk_size(args.chunk_size),
-            "max_tokens": args.max_tokens,
-            "pae": args.pae,
-        }
+        options = FoldOptions(
+            num_recycles=args.num_recycles,
+            chunk_size=_chunk_size(args.chunk_size),
+            max_tokens=args.max_tokens,
+            pae=args.pae,
+        )
     pool = PoolOptions(
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker,
@@ -258,46 +293,50 @@ def build_job(args: argparse.Namespace):
     )
 
 
-def print_run_summary(record, out=sys.stdout) -> None:
+def print_run_summary(record, out: TextIO = sys.stdout, nothing_to_do: bool = False) -> None:
     """What a compute run did, where its outputs are, and how fast it went."""
     c = record.counts
     ident = record.params.get("identity", {})
+    weights = f"weights {ident.get('sha')}" + (
+        ", RANDOM WEIGHTS: results mean nothing" if ident.get("random_weights") else ""
+    )
+    if nothing_to_do:
+        lines = [
+            f"run            {record.run_id} ({record.status}): nothing to compute",
+            f"model          {ident.get('model')} ({weights})",
+            "sequences      every sequence of the input already has its results for these weights",
+            f"outputs        {c.outputs}",
+        ]
+        out.write("\n".join(lines) + "\n")
+        return
     lines = [
         f"run            {record.run_id} ({record.status})",
-        f"model          {ident.get('model')} (weights {ident.get('sha')})",
-        f"sequences      {c.get('sequences', 0):,} planned, {c.get('residues', 0):,} residues",
-        f"shards         {c.get('shards', 0)} total: {c.get('shards_computed', 0)} computed now, "
-        f"{c.get('shards_done_before', 0)} done by earlier attempts, {c.get('shards_failed', 0)} failed",
-        f"throughput     {c.get('residues_per_s', 0):,.0f} residues/s over {c.get('compute_seconds', 0):,.1f} s",
-        f"retries        {c.get('retries', 0)} shard retries, {c.get('replaced_workers', 0)} workers replaced, "
-        f"{c.get('isolated_errors', 0)} sequences isolated as rejected, {c.get('fallbacks', 0)} OOM fallbacks",
-        f"outputs        {c.get('outputs')}",
+        f"model          {ident.get('model')} ({weights})",
+        f"sequences      {c.sequences:,} planned, {c.residues:,} residues",
+        f"shards         {c.shards} total: {c.shards_computed} computed now, "
+        f"{c.shards_done_before} done by earlier attempts, {c.shards_failed} failed",
+        f"throughput     {c.residues_per_s:,.0f} residues/s ({c.computed_residues:,} residues computed "
+        f"in {c.compute_seconds:,.1f} s)",
+        f"retries        {c.retries} shard retries, {c.replaced_workers} workers replaced, "
+        f"{c.isolated_errors} sequences isolated as rejected, {c.fallbacks} OOM fallbacks",
+        f"outputs        {c.outputs}",
     ]
-    if ident.get("random_weights"):
-        lines.insert(
-            0, "!!! RANDOM WEIGHTS: this run's numbers mean nothing (recorded as random_weights=true) !!!"
-        )
     if record.message:
         lines.append(f"message        {record.message}")
     out.write("\n".join(lines) + "\n")
 
 
-def prepare_prefect_environment() -> None:
-    """Prefect's temporary local API (used when PREFECT_API_URL is unset) can take well over its default
-    20 s to start on a small, busy machine; give it 120 s unless the user chose otherwise."""
-    import os
-
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
 def cmd_compute(args: argparse.Namespace) -> int:
-    prepare_prefect_environment()
-    from flows.pipeline import RunFailed, run_job
+    from flows import runlog
+
+    log = runlog.configure(args.verbose)
+    job = build_job(args)
+    from flows.job import RunFailed
+    from flows.launch import launch
     from flows.pool import WorkerStartError
 
-    job = build_job(args)
     try:
-        record = run_job(job)
+        launched = launch(job, log, verbose=args.verbose)
     except WorkerStartError as exc:
         raise CliError(str(exc)) from None
     except RunFailed as exc:
@@ -306,7 +345,7 @@ def cmd_compute(args: argparse.Namespace) -> int:
         status = exc.record.status if exc.record is not None else "failed"
         sys.stderr.write(f"proteoflow {job.kind}: run ended {status}: {exc}\n")
         return 1
-    print_run_summary(record)
+    print_run_summary(launched.record, nothing_to_do=launched.nothing_to_do)
     return 0
 
 

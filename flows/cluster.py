@@ -31,12 +31,17 @@ def ray_session(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     ship_code: bool = False,
+    quiet: bool = False,
 ) -> Iterator[dict]:
     """Yield a description of the Ray cluster in use; shut down only what this call started."""
     if ray.is_initialized():
         yield _describe(started=False)
         return
-    kwargs: dict = {"logging_level": logging.WARNING, "include_dashboard": False, "log_to_driver": True}
+    kwargs: dict = {
+        "logging_level": logging.ERROR if quiet else logging.WARNING,
+        "include_dashboard": False,
+        "log_to_driver": not quiet,  # quiet: workers' output stays in Ray's session logs
+    }
     if address:
         kwargs["address"] = address
         if ship_code:

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from storage import schemas
+from storage.results import ModelIdentity, ResultRows
+from storage.schemas import ROW_KEYS
 
 Items = Sequence[tuple[str, str]]  # (seq_hash, sequence)
 
@@ -26,7 +28,7 @@ class ShardOutput:
     tables: dict[str, pa.Table]
     errors: list[tuple[str, str]] = field(default_factory=list)  # (seq_hash, error)
     fallbacks: int = 0
-    residues: int = 0
+    residues: int = 0  # residues the model actually ran (a truncated sequence counts its first window)
     seconds: float = 0.0
 
 
@@ -70,82 +72,146 @@ def _poisoned(items: Items) -> None:
             raise RuntimeError(f"injected poison sequence {seq_hash}")
 
 
+@dataclass(frozen=True)
+class EmbedOptions:
+    """What ``embed`` computes per sequence (see ``proteoflow embed --help``)."""
+
+    layers: tuple[int, ...] = (-1,)
+    poolings: tuple[str, ...] = ("mean",)
+    per_residue: bool = False
+    contacts: bool = False
+    long_strategy: str = "window"
+    precision: str = "auto"
+    max_tokens: int | None = None
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class FoldOptions:
+    """How ``fold`` runs ESMFold (see ``proteoflow fold --help``)."""
+
+    num_recycles: int | None = None
+    chunk_size: int | str | None = "auto"
+    max_tokens: int | None = None
+    pae: bool = False
+
+
+EngineOptions = EmbedOptions | FoldOptions
+OPTIONS = {"embed": EmbedOptions, "fold": FoldOptions}
+
+
+def options_from_dict(kind: str, data: dict) -> EngineOptions:
+    """Typed engine options of ``kind`` from plain data (a stored run's parameters, a deployment's)."""
+    cls = OPTIONS[kind]
+    names = set(cls.__dataclass_fields__)
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {kind} option(s): {', '.join(sorted(unknown))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class EngineIdentity:
+    """Who computes (the model's name and weights checksum) and the shape of what it writes."""
+
+    model: ModelIdentity
+    dim: int = 0
+    num_layers: int = 0
+    layers: tuple[int, ...] = ()  # requested layers resolved to fair-esm numbering (0..num_layers)
+    poolings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """The JSON form kept in run records (and read back by :meth:`from_dict`)."""
+        return {"model": self.model.name, "sha": self.model.sha, "random_weights": self.model.random_weights,
+                "dim": self.dim, "num_layers": self.num_layers, "layers": list(self.layers),
+                "poolings": list(self.poolings)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EngineIdentity:
+        model = ModelIdentity(data["model"], data["sha"], bool(data.get("random_weights", False)))
+        return cls(model, int(data.get("dim", 0)), int(data.get("num_layers", 0)),
+                   tuple(data.get("layers", ())), tuple(data.get("poolings", ())))  # fmt: skip
+
+
+def resolve_layers(layers: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """fair-esm layer numbers (0 = embeddings, N = last; negatives count from the end), sorted, unique;
+    a ValueError naming the valid range for a layer the model does not have."""
+    resolved = set()
+    for layer in layers:
+        value = layer + num_layers + 1 if layer < 0 else layer
+        if not 0 <= value <= num_layers:
+            raise ValueError(
+                f"layer {layer} does not exist: this model has layers 0..{num_layers} (or -1..-{num_layers + 1})"
+            )
+        resolved.add(value)
+    return tuple(sorted(resolved))
+
+
+def wanted_rows(kind: str, options: EngineOptions, identity: EngineIdentity) -> list[ResultRows]:
+    """The result rows a job needs for every sequence: a sequence lacking any of them is computed."""
+    if kind == "fold":
+        return [ResultRows("structures", (ROW_KEYS["structures"].of(),))]
+    assert isinstance(options, EmbedOptions)
+    rows = [ResultRows("embeddings", tuple(ROW_KEYS["embeddings"].of(layer, pooling)
+                                           for layer in identity.layers for pooling in identity.poolings))]  # fmt: skip
+    if options.per_residue:
+        rows.append(
+            ResultRows(
+                "residue_embeddings",
+                tuple(ROW_KEYS["residue_embeddings"].of(layer) for layer in identity.layers),
+            )
+        )
+    if options.contacts:
+        rows.append(ResultRows("contacts", (ROW_KEYS["contacts"].of(),)))
+    return rows
+
+
 class EmbedEngine:
     """ESM-2 embeddings: pooled vectors per (layer, pooling), optional per-residue vectors and contacts."""
 
     kind = "embed"
 
-    def __init__(self, model: str, options: dict, device: str | None = None) -> None:
+    def __init__(self, model: str, options: EmbedOptions, device: str | None = None) -> None:
         from esm_core.checkpoints import load_esm
         from esm_core.embedding import Embedder
 
         self.loaded = load_esm(model, device=device)
         self.options = options
-        self.dtype = options.get("dtype", "float32")
         self.embedder = Embedder(
             self.loaded,
-            layers=tuple(options.get("layers", (-1,))),
-            poolings=tuple(options.get("poolings", ("mean",))),
-            per_residue=options.get("per_residue", False),
-            contacts=options.get("contacts", False),
-            long_strategy=options.get("long_strategy", "window"),
-            precision=options.get("precision", "auto"),
-            max_tokens=options.get("max_tokens"),
+            layers=options.layers,
+            poolings=options.poolings,
+            per_residue=options.per_residue,
+            contacts=options.contacts,
+            long_strategy=options.long_strategy,
+            precision=options.precision,
+            max_tokens=options.max_tokens,
         )
-        self.layers = list(self.embedder.layers)
+        self.progress = 0  # residues finished in the current shard, read by the actor's progress()
 
-    def identity(self) -> dict:
-        """Who computes: the model's name and weights checksum, and the shape of what it writes."""
-        return {
-            "model": self.loaded.name,
-            "sha": self.loaded.sha,
-            "random_weights": self.loaded.random_weights,
-            "dim": self.loaded.dim,
-            "num_layers": self.loaded.num_layers,
-            "layers": self.layers,
-            "poolings": list(self.options.get("poolings", ("mean",))),
-        }
+    def identity(self) -> EngineIdentity:
+        model = ModelIdentity(self.loaded.name, self.loaded.sha, self.loaded.random_weights)
+        return EngineIdentity(model, self.loaded.dim, self.loaded.num_layers, tuple(self.embedder.layers),
+                              tuple(self.options.poolings))  # fmt: skip
 
     def run(self, items: Items, run_id: str) -> ShardOutput:
         started = time.perf_counter()
+        self.progress = 0
         found, errors = isolate_or_raise(self._embed, items)
-        ident = {
-            "model": self.loaded.name,
-            "model_sha": self.loaded.sha,
-            "run_id": run_id,
-            "random_weights": self.loaded.random_weights,
-        }
-        pooled: dict[str, list] = {name: [] for name in schemas.embeddings_schema(self.loaded.dim).names}
-        residue: dict[str, list] = {
-            name: [] for name in schemas.residue_embeddings_schema(self.loaded.dim).names
-        }
+        dim, dtype = self.loaded.dim, self.options.dtype
+        ident = {"model": self.loaded.name, "model_sha": self.loaded.sha, "run_id": run_id,
+                 "random_weights": self.loaded.random_weights}  # fmt: skip
+        pooled: dict[str, list] = {name: [] for name in schemas.embeddings_schema(dim).names}
+        residue: dict[str, list] = {name: [] for name in schemas.residue_embeddings_schema(dim).names}
         contacts: dict[str, list] = {name: [] for name in schemas.CONTACTS_SCHEMA.names}
-        fallbacks = 0
         for r in found:
-            fallbacks += len(r.fallbacks)
             for (layer, pooling), vector in sorted(r.pooled.items()):
-                _append(
-                    pooled,
-                    seq_hash=r.key,
-                    layer=layer,
-                    pooling=pooling,
-                    embedding=vector,
-                    length=r.length,
-                    strategy=r.strategy,
-                    precision=r.precision,
-                    **ident,
-                )
+                _append(pooled, seq_hash=r.key, layer=layer, pooling=pooling, embedding=vector, length=r.length,
+                        strategy=r.strategy, precision=r.precision, **ident)  # fmt: skip
             for layer, matrix in sorted((r.per_residue or {}).items()):
-                _append(
-                    residue,
-                    seq_hash=r.key,
-                    layer=layer,
-                    embedding=matrix,
-                    length=r.length,
-                    strategy=r.strategy,
-                    precision=r.precision,
-                    **ident,
-                )
+                _append(residue, seq_hash=r.key, layer=layer, embedding=matrix, length=r.length,
+                        strategy=r.strategy, precision=r.precision, **ident)  # fmt: skip
             if r.contacts is not None:
                 _append(
                     contacts,
@@ -154,20 +220,26 @@ class EmbedEngine:
                     contacts=np.asarray(r.contacts).ravel(),
                     **ident,
                 )
-        tables = {"embeddings": _table(pooled, schemas.embeddings_schema(self.loaded.dim, self.dtype))}
-        if self.options.get("per_residue"):
-            tables["residue_embeddings"] = _table(
-                residue, schemas.residue_embeddings_schema(self.loaded.dim, self.dtype)
-            )
-        if self.options.get("contacts"):
+        tables = {"embeddings": _table(pooled, schemas.embeddings_schema(dim, dtype))}
+        if self.options.per_residue:
+            tables["residue_embeddings"] = _table(residue, schemas.residue_embeddings_schema(dim, dtype))
+        if self.options.contacts:
             tables["contacts"] = _table(contacts, schemas.CONTACTS_SCHEMA)
-        return ShardOutput(
-            tables, errors, fallbacks, sum(r.length for r in found), time.perf_counter() - started
+        computed = sum(self._computed(r) for r in found)
+        return ShardOutput(tables, errors, sum(len(r.fallbacks) for r in found), computed,
+                           time.perf_counter() - started)  # fmt: skip
+
+    def _computed(self, result) -> int:
+        """Residues the model actually ran: a truncated sequence counts only its first window."""
+        return (
+            min(result.length, self.loaded.max_residues) if result.strategy == "truncate" else result.length
         )
 
     def _embed(self, items: Items) -> Iterator:
         _poisoned(items)
-        yield from self.embedder.embed(items)
+        for result in self.embedder.embed(items):
+            self.progress += self._computed(result)
+            yield result
 
 
 class FoldEngine:
@@ -175,28 +247,21 @@ class FoldEngine:
 
     kind = "fold"
 
-    def __init__(self, model: str, options: dict, device: str | None = None) -> None:
+    def __init__(self, model: str, options: FoldOptions, device: str | None = None) -> None:
         from esm_core.folding import Folder, load_esmfold
 
         self.loaded = load_esmfold(model, device=device)
         self.options = options
-        self.folder = Folder(
-            self.loaded,
-            num_recycles=options.get("num_recycles"),
-            chunk_size=options.get("chunk_size", "auto"),
-            max_tokens=options.get("max_tokens"),
-            pae=options.get("pae", False),
-        )
+        self.folder = Folder(self.loaded, num_recycles=options.num_recycles, chunk_size=options.chunk_size,
+                             max_tokens=options.max_tokens, pae=options.pae)  # fmt: skip
+        self.progress = 0
 
-    def identity(self) -> dict:
-        return {
-            "model": self.loaded.name,
-            "sha": self.loaded.sha,
-            "random_weights": self.loaded.random_weights,
-        }
+    def identity(self) -> EngineIdentity:
+        return EngineIdentity(ModelIdentity(self.loaded.name, self.loaded.sha, self.loaded.random_weights))
 
     def run(self, items: Items, run_id: str) -> ShardOutput:
         started = time.perf_counter()
+        self.progress = 0
         found, errors = isolate_or_raise(self._fold, items)
         columns: dict[str, list] = {name: [] for name in schemas.STRUCTURES_SCHEMA.names}
         for r in found:
@@ -222,23 +287,22 @@ class FoldEngine:
                 fallbacks=list(r.fallbacks),
             )
         table = _table(columns, schemas.STRUCTURES_SCHEMA)
-        return ShardOutput(
-            {"structures": table},
-            errors,
-            sum(len(r.fallbacks) for r in found),
-            sum(r.length for r in found),
-            time.perf_counter() - started,
-        )
+        return ShardOutput({"structures": table}, errors, sum(len(r.fallbacks) for r in found),
+                           sum(r.length for r in found), time.perf_counter() - started)  # fmt: skip
 
     def _fold(self, items: Items) -> Iterator:
         _poisoned(items)
-        yield from self.folder.fold(items)
+        for result in self.folder.fold(items):
+            self.progress += result.length
+            yield result
 
 
 ENGINES = {"embed": EmbedEngine, "fold": FoldEngine}
 
 
-def build_engine(kind: str, model: str, options: dict, device: str | None = None):
+def build_engine(
+    kind: str, model: str, options: EngineOptions, device: str | None = None
+) -> EmbedEngine | FoldEngine:
     """The engine for ``kind`` ("embed" or "fold"), with its model loaded."""
     return ENGINES[kind](model, options, device)
 

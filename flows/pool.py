@@ -17,23 +17,14 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from flows.actors import ShardWorker
+from flows.engines import EngineIdentity, EngineOptions, ShardOutput
+from flows.job import PoolOptions
 
 FAULT_ENV = ("PROTEOFLOW_KILL_SHARD", "PROTEOFLOW_FAULT_DIR", "PROTEOFLOW_POISON")
 
 
 class WorkerStartError(Exception):
     """The actors could not start or load the model; the message is one line, meant for the user."""
-
-
-@dataclass
-class PoolOptions:
-    """How many actors, what each reserves, and how hard to try."""
-
-    workers: int | None = None  # None: decided from the cluster (see flows.resources.resolve_pool)
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float | None = None
-    max_attempts: int = 3
-    spread: bool = True
 
 
 @dataclass
@@ -46,18 +37,30 @@ class DispatchReport:
     replaced_actors: int = 0
 
 
+@dataclass
+class Dispatched:
+    """A shard's result as the pool hands it over: which try it was, how long it took, on which slot."""
+
+    tries: int
+    seconds: float
+    slot: int
+
+
+PROGRESS_POLL_S = 1.0
+
+
 class ActorPool:
     """Start ``workers`` model-holding actors; :meth:`run` feeds them shards until none are left."""
 
-    def __init__(self, kind: str, model: str, engine_options: dict, options: PoolOptions) -> None:
+    def __init__(self, kind: str, model: str, engine_options: EngineOptions, options: PoolOptions) -> None:
         self.options = options
-        threads = max(1, int(options.cpus_per_worker))
+        threads = max(1, int(options.cpus_per_worker or 1))
         env = {k: os.environ[k] for k in FAULT_ENV if k in os.environ}
         actor_options: dict = {
             "num_cpus": options.cpus_per_worker,
             "num_gpus": options.gpus_per_worker,
             "max_restarts": 0,
-            "max_concurrency": 1,
+            "max_concurrency": 2,  # run_shard, and progress() answered while it runs
         }
         if env:
             actor_options["runtime_env"] = {"env_vars": env}
@@ -65,9 +68,9 @@ class ActorPool:
             actor_options["scheduling_strategy"] = "SPREAD"
         self._cls = ray.remote(ShardWorker).options(**actor_options)
         self._args = (kind, model, engine_options, threads)
-        self.actors = [self._cls.remote(*self._args) for _ in range(options.workers)]
+        self.actors = [self._cls.remote(*self._args) for _ in range(options.workers or 1)]
 
-    def identity(self, timeout: float = 1800) -> dict:
+    def identity(self, timeout: float = 1800) -> EngineIdentity:
         """Wait for every actor's model to load; all must report the same weights."""
         try:
             identities = ray.get([a.identity.remote() for a in self.actors], timeout=timeout)
@@ -77,11 +80,11 @@ class ActorPool:
                 "CPUs/GPUs available in the Ray cluster?"
             ) from None
         except RayTaskError as exc:
-            raise WorkerStartError(f"a worker failed to load the model: {exc.cause}") from None
+            raise WorkerStartError(f"a worker failed to load the model: {_first_line(exc.cause)}") from None
         except RayActorError as exc:
             cause = getattr(exc, "cause", None) or exc
             raise WorkerStartError(f"a worker failed to load the model: {_first_line(cause)}") from None
-        shas = {i["sha"] for i in identities}
+        shas = {i.model.sha for i in identities}
         if len(shas) != 1:
             raise WorkerStartError(f"workers loaded different weights: {sorted(shas)}")
         return identities[0]
@@ -94,15 +97,19 @@ class ActorPool:
         shard_ids: list[int],
         items: Callable[[int], list],
         run_id: str,
-        on_done: Callable[[int, object, dict], None],
-        on_tick: Callable[[], None] | None = None,
+        on_done: Callable[[int, ShardOutput, Dispatched], None],
+        on_tick: Callable[[int], None] | None = None,
     ) -> DispatchReport:
-        """Dispatch shards (in the given order) to free actors; ``on_done(shard, output, meta)`` per result."""
+        """Dispatch shards (in the given order) to free actors; ``on_done(shard, output, dispatched)`` per
+        result. ``on_tick(partial)`` is called about twice a second with the residues finished so far inside
+        the shards still running (polled from the actors at most once a second)."""
         report = DispatchReport()
         queue = deque(shard_ids)
         attempts: dict[int, int] = {}
         idle = deque(range(len(self.actors)))
         inflight: dict[ray.ObjectRef, tuple[int, int, float]] = {}
+        partial: dict[int, int] = {}  # slot -> residues finished in its running shard
+        polled = 0.0
         while queue or inflight:
             while idle and queue:
                 slot, shard = idle.popleft(), queue.popleft()
@@ -110,10 +117,12 @@ class ActorPool:
                 ref = self.actors[slot].run_shard.remote(shard, items(shard), run_id)
                 inflight[ref] = (slot, shard, time.monotonic())
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-            if on_tick is not None:
-                on_tick()
+            if on_tick is not None and time.monotonic() - polled >= PROGRESS_POLL_S:
+                partial = self._poll_progress([slot for slot, _, _ in inflight.values()])
+                polled = time.monotonic()
             for ref in ready:
                 slot, shard, started = inflight.pop(ref)
+                partial.pop(slot, None)
                 try:
                     output = ray.get(ref)
                 except RayError as exc:  # task error, dead actor, killed worker, lost node
@@ -129,13 +138,23 @@ class ActorPool:
                         report.failed[shard] = error
                     continue
                 idle.append(slot)
-                on_done(
-                    shard,
-                    output,
-                    {"attempts": attempts[shard], "seconds": time.monotonic() - started, "slot": slot},
-                )
+                on_done(shard, output, Dispatched(attempts[shard], time.monotonic() - started, slot))
                 report.computed.append(shard)
+            if on_tick is not None:
+                on_tick(sum(partial.values()))
         return report
+
+    def _poll_progress(self, slots: list[int]) -> dict[int, int]:
+        """Residues finished inside each running shard; an actor that does not answer at once counts 0."""
+        refs = {self.actors[slot].progress.remote(): slot for slot in slots}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0.2)
+        found = {}
+        for ref in ready:
+            try:
+                found[refs[ref]] = int(ray.get(ref))
+            except RayError:
+                pass
+        return found
 
     def _replace(self, slot: int) -> None:
         """Start a fresh actor in a dead one's slot (it reloads the model)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from flows.pool import PoolOptions
+from flows.job import PoolOptions
 
 
 def resolve_pool(options: PoolOptions, cluster: dict) -> PoolOptions:

@@ -40,7 +40,7 @@ from storage.fasta import (
 from storage.layout import ParquetSink, Store, staging
 from storage.normalize import NUCLEOTIDE_LETTERS
 from storage.records import process_chunk, process_file_chunk
-from storage.runs import RunRecord, load_run
+from storage.runs import IngestCounts, RunRecord, load_run
 from storage.schemas import MEMBER_SCHEMA, REJECTED_SCHEMA, SEQUENCE_SCHEMA
 
 SPILL_SCHEMA = pa.schema([("seq_hash", pa.string()), ("sequence", pa.string())])
@@ -61,7 +61,7 @@ class IngestResult:
     """The outcome of one ingest: its run id, counts, and whether it was already in the store."""
 
     run_id: str
-    counts: dict
+    counts: IngestCounts
     already_ingested: bool = False
     skipped_files: list[str] = field(default_factory=list)
 
@@ -230,7 +230,7 @@ def _ingest(
             return IngestResult(run_id, previous.counts, already_ingested=True, skipped_files=skipped)
         record = RunRecord(run_id=run_id, kind="ingest", params=params)
         counts = _dedup_and_commit(store, scratch, pass1, run_id, record)
-    counts["skipped_files"] = len(skipped)
+    counts.skipped_files = len(skipped)
     record.counts = counts
     record.finish(store, "completed")
     return IngestResult(run_id, counts, skipped_files=skipped)
@@ -422,7 +422,9 @@ def _refuse_nucleotides(source: Source, nuc: int, total: int, min_residues: int 
         )
 
 
-def _dedup_and_commit(store: Store, scratch: Path, pass1: _Pass1, run_id: str, record: RunRecord) -> dict:
+def _dedup_and_commit(
+    store: Store, scratch: Path, pass1: _Pass1, run_id: str, record: RunRecord
+) -> IngestCounts:
     """Pass 2: per bucket, dedup and anti-join against the store; then commit every file by rename."""
     final_seq = store.table_dir("sequences") / f"{run_id}.parquet"
     # A crashed earlier attempt of this same run may have committed its sequences file: it is rewritten
@@ -453,16 +455,14 @@ def _dedup_and_commit(store: Store, scratch: Path, pass1: _Pass1, run_id: str, r
         seq_sink.abort()
         pass1.abort()
         raise
-    counts = dict(pass1.counts)
-    counts.update(
-        {
-            "distinct": distinct,
-            "duplicates": counts["accepted"] - distinct,
-            "new_sequences": new,
-            "already_in_store": distinct - new,
-            "new_residues": new_residues,
-            "rejected_by_rule": dict(sorted(pass1.rejected_by_rule.items())),
-        }
+    counts = IngestCounts(
+        **pass1.counts,
+        distinct=distinct,
+        duplicates=pass1.counts["accepted"] - distinct,
+        new_sequences=new,
+        already_in_store=distinct - new,
+        new_residues=new_residues,
+        rejected_by_rule=dict(sorted(pass1.rejected_by_rule.items())),
     )
     if new:
         seq_sink.commit()

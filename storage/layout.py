@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -53,6 +54,32 @@ class Store:
         """A run's partition of a hive-partitioned table (members, rejected, shards): ``<table>/run_id=<id>``."""
         return self.table_dir(table) / f"run_id={run_id}"
 
+    def plan_path(self, run_id: str) -> Path:
+        """A compute run's shard plan."""
+        return self.root / "plans" / f"{run_id}.parquet"
+
+    def shard_record_path(self, run_id: str, shard_id: int) -> Path:
+        """A compute run's record of one shard (status, tries, outputs)."""
+        return self.run_dir("shards", run_id) / f"shard-{shard_id:05d}.parquet"
+
+    def shard_rejections_path(self, run_id: str, shard_id: int) -> Path:
+        """The rejected rows of one shard's sequences that always failed to compute."""
+        return self.run_dir("rejected", run_id) / f"shard-{shard_id:05d}.parquet"
+
+    def log_path(self, run_id: str) -> Path:
+        """The full log of a run's attempts (the terminal shows only progress and the summary)."""
+        return self.root / "logs" / f"{run_id}.log"
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move a damaged or stray file out of the tables into ``quarantine/`` with a note saying why: the
+        views stop reading it, and nothing is ever deleted."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.root / "quarantine" / stamp / path.relative_to(self.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        target.with_name(target.name + ".why").write_text(reason.rstrip() + "\n")
+        return target
+
     def staging_dir(self, name: str) -> Path:
         """A private scratch directory inside the store (same filesystem, so renames are atomic)."""
         path = self.root / ".staging" / f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -91,6 +118,12 @@ class Store:
             dead_here = owner == host and pid is not None and pid != os.getpid() and not _pid_alive(pid)
             if dead_here or time.time() - entry.stat().st_mtime > max_age_s:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def safe_name(text: str, max_length: int = 100) -> str:
+    """A portable file-name stem: characters outside ``[A-Za-z0-9._-]`` become '_', no leading or trailing
+    '.', '_' or '-' (never a hidden file), at most ``max_length`` characters; '' when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")[:max_length].rstrip("._-")
 
 
 def _owner_of(name: str) -> tuple[str | None, int | None]:

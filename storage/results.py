@@ -1,85 +1,145 @@
-"""Result tables (embeddings, per-residue embeddings, contacts, structures): schemas, file layout and the
-question every planner asks: which sequences already have results for this model?
+"""Result tables (embeddings, per-residue embeddings, contacts, structures): where a model's rows live, which
+rows a sequence already has, and how a shard's rows are committed.
 
 Results are filed per model identity, ``<table>/<model>-<sha>/<run_id>-<shard>.parquet``, where ``sha``
-is the checksum of the weights: two checkpoints that share a name never share a directory.
+is the checksum of the weights: two checkpoints that share a name never share a directory. What names one
+row of a sequence (layer and pooling, say) is ``storage.schemas.ROW_KEYS``.
 """
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from storage.catalog import fetch_arrow, file_list
-from storage.layout import Store, write_table_atomic
+from storage.layout import Store, safe_name, write_table_atomic
+from storage.schemas import ROW_KEYS
 
 
-def safe_name(text: str) -> str:
-    """A file-system-safe rendering of a model name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "model"
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Who computed a result: the model's name and the checksum of its weights."""
+
+    name: str
+    sha: str
+    random_weights: bool = False
 
 
-def model_dir(store: Store, table: str, model: str, sha: str) -> Path:
-    return store.table_dir(table) / f"{safe_name(model)}-{sha}"
+@dataclass(frozen=True)
+class ResultRows:
+    """The rows a job writes for each sequence into one result table: the table and the row keys it needs."""
+
+    table: str
+    keys: tuple[str, ...]
 
 
-def shard_path(store: Store, table: str, model: str, sha: str, run_id: str, shard_id: int) -> Path:
-    """Where one shard's rows of ``table`` land; its existence marks the shard done."""
-    return model_dir(store, table, model, sha) / f"{run_id}-{shard_id:05d}.parquet"
+@dataclass(frozen=True)
+class OutputFile:
+    """One committed output file of a shard, as its shard record lists it (path relative to the store)."""
+
+    table: str
+    path: str
+    rows: int
+    bytes: int
 
 
-def write_shard(path: Path, table: pa.Table, provenance: dict) -> Path:
-    """Commit one shard's output atomically (temp file + rename)."""
-    return write_table_atomic(path, table, path.parent.parent.name, provenance)
+def model_dir(store: Store, table: str, model: ModelIdentity) -> Path:
+    """The directory of ``table`` holding one model identity's rows."""
+    return store.table_dir(table) / f"{safe_name(model.name)}-{model.sha}"
 
 
-def _result_files(store: Store, table: str, model: str, sha: str) -> list[Path]:
-    base = model_dir(store, table, model, sha)
+def shard_path(store: Store, table: str, model: ModelIdentity, run_id: str, shard_id: int) -> Path:
+    """Where one shard's rows of ``table`` land."""
+    return model_dir(store, table, model) / f"{run_id}-{shard_id:05d}.parquet"
+
+
+def _result_files(store: Store, table: str, model: ModelIdentity) -> list[Path]:
+    base = model_dir(store, table, model)
     return sorted(p for p in base.glob("*.parquet") if not p.name.startswith("."))
 
 
-def _identity_filter(model: str, sha: str) -> str:
-    return f"model = '{model.replace(chr(39), chr(39) * 2)}' AND model_sha = '{sha}'"
+def _identity_filter(model: ModelIdentity) -> str:
+    return f"model = '{model.name.replace(chr(39), chr(39) * 2)}' AND model_sha = '{model.sha}'"
 
 
-def computed_hashes(
-    store: Store, table: str, model: str, sha: str, key_sql: str | None = None, keys: list[str] | None = None
-) -> pa.Array:
-    """``seq_hash`` values that already have every required row in ``table`` for this model identity.
-
-    ``key_sql`` is an expression naming a row kind (e.g. ``layer || ':' || pooling``) and ``keys`` the kinds
-    required; a sequence missing any of them is not done. Without keys, any row counts.
-    """
-    files = _result_files(store, table, model, sha)
+def _has_all_keys(store: Store, model: ModelIdentity, rows: ResultRows) -> pa.Array:
+    files = _result_files(store, rows.table, model)
     if not files:
         return pa.array([], pa.string())
-    con = duckdb.connect(":memory:")
-    source = f"read_parquet({file_list(files)})"
-    where = _identity_filter(model, sha)
-    if keys:
-        wanted = ", ".join("'" + k.replace("'", "''") + "'" for k in keys)
-        sql = (
-            f"SELECT seq_hash FROM {source} WHERE {where} AND ({key_sql}) IN ({wanted}) "
-            f"GROUP BY seq_hash HAVING count(DISTINCT {key_sql}) = {len(set(keys))}"
-        )
-    else:
-        sql = f"SELECT DISTINCT seq_hash FROM {source} WHERE {where}"
-    return fetch_arrow(con, sql).column(0).combine_chunks()
+    key = ROW_KEYS[rows.table].sql()
+    wanted = ", ".join("'" + k.replace("'", "''") + "'" for k in rows.keys)
+    sql = (
+        f"SELECT seq_hash FROM read_parquet({file_list(files)}) WHERE {_identity_filter(model)} "
+        f"AND ({key}) IN ({wanted}) GROUP BY seq_hash HAVING count(DISTINCT {key}) = {len(set(rows.keys))}"
+    )
+    return fetch_arrow(duckdb.connect(":memory:"), sql).column(0).combine_chunks()
 
 
-def existing_keys(store: Store, table: str, model: str, sha: str, key_sql: str, hashes: pa.Array) -> set[str]:
+def done_hashes(store: Store, model: ModelIdentity, wanted: list[ResultRows]) -> pa.Array:
+    """``seq_hash`` values that already have every wanted row, in every wanted table, for this model identity."""
+    done: pa.Array | None = None
+    for rows in wanted:
+        hashes = _has_all_keys(store, model, rows)
+        done = hashes if done is None else done.filter(pc.is_in(done, value_set=hashes))
+    return done if done is not None else pa.array([], pa.string())
+
+
+def existing_keys(store: Store, table: str, model: ModelIdentity, hashes: pa.Array) -> set[str]:
     """``seq_hash/key`` of rows already stored for the given sequences: a shard drops these before writing,
     so adding a layer or pooling to a later run never duplicates the rows an earlier run wrote."""
-    files = _result_files(store, table, model, sha)
+    files = _result_files(store, table, model)
     if not files or not len(hashes):
         return set()
     con = duckdb.connect(":memory:")
     con.register("wanted", pa.table({"seq_hash": hashes}))
     sql = (
-        f"SELECT DISTINCT seq_hash || '/' || ({key_sql}) FROM read_parquet({file_list(files)}) "
-        f"SEMI JOIN wanted USING (seq_hash) WHERE {_identity_filter(model, sha)}"
+        f"SELECT DISTINCT seq_hash || '/' || ({ROW_KEYS[table].sql()}) FROM read_parquet({file_list(files)}) "
+        f"SEMI JOIN wanted USING (seq_hash) WHERE {_identity_filter(model)}"
     )
     return set(fetch_arrow(con, sql).column(0).to_pylist())
+
+
+def without_existing(rows: pa.Table, table: str, existing: set[str]) -> pa.Table:
+    """``rows`` minus those whose ``seq_hash/key`` is in ``existing``."""
+    if not existing or not rows.num_rows:
+        return rows
+    keys = pc.binary_join_element_wise(rows.column("seq_hash"), ROW_KEYS[table].arrow(rows), "/")
+    return rows.filter(pc.invert(pc.is_in(keys, value_set=pa.array(list(existing), pa.string()))))
+
+
+def write_shard_outputs(
+    store: Store,
+    model: ModelIdentity,
+    run_id: str,
+    shard_id: int,
+    tables: dict[str, pa.Table],
+    existing: dict[str, set[str]],
+) -> list[OutputFile]:
+    """Commit a shard's result tables, one atomic file per table, without the rows ``existing`` (table ->
+    ``seq_hash/key``, from :func:`existing_keys`) says the store already holds."""
+    outputs = []
+    for table, rows in tables.items():
+        rows = without_existing(rows, table, existing.get(table, set()))
+        path = shard_path(store, table, model, run_id, shard_id)
+        write_table_atomic(path, rows, table, {"run_id": run_id, "shard_id": shard_id})
+        outputs.append(
+            OutputFile(table, path.relative_to(store.root).as_posix(), rows.num_rows, path.stat().st_size)
+        )
+    return outputs
+
+
+def missing_outputs(store: Store, outputs: list[OutputFile]) -> list[str]:
+    """Outputs of a shard record that are absent or whose size differs from the record (lost or damaged)."""
+    wrong = []
+    for out in outputs:
+        path = store.root / out.path
+        try:
+            if path.stat().st_size != out.bytes:
+                wrong.append(f"{out.path} (size differs)")
+        except FileNotFoundError:
+            wrong.append(f"{out.path} (missing)")
+    return wrong

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -39,6 +39,59 @@ def package_versions(names: tuple[str, ...] = ("proteoflow", "pyarrow", "duckdb"
 
 
 @dataclass
+class IngestCounts:
+    """What an ingest run read, kept, merged and refused."""
+
+    records: int = 0
+    bytes: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    residues: int = 0
+    distinct: int = 0
+    duplicates: int = 0
+    new_sequences: int = 0
+    already_in_store: int = 0
+    new_residues: int = 0
+    rejected_by_rule: dict[str, int] = field(default_factory=dict)
+    skipped_files: int = 0
+
+
+@dataclass
+class ComputeCounts:
+    """What a compute run planned, computed, retried and wrote, accumulated over its attempts."""
+
+    attempts: int = 0
+    shards: int = 0
+    shards_done_before: int = 0
+    shards_computed: int = 0
+    shards_failed: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    retries: int = 0
+    replaced_workers: int = 0
+    sequences: int = 0
+    residues: int = 0
+    computed_residues: int = 0
+    isolated_errors: int = 0
+    fallbacks: int = 0
+    compute_seconds: float = 0.0
+    residues_per_s: float = 0.0
+    outputs: str = ""
+    placements: list[dict] = field(default_factory=list)
+    ingest: dict = field(default_factory=dict)
+    attempt_log: list[dict] = field(default_factory=list)
+
+
+Counts = IngestCounts | ComputeCounts
+
+
+def counts_from_dict(kind: str, data: dict) -> Counts:
+    """Typed counts of a stored run record (unknown keys of other versions ignored)."""
+    cls = IngestCounts if kind == "ingest" else ComputeCounts
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
 class RunRecord:
     """What one run did: parameters in, counts out, and how it ended."""
 
@@ -48,7 +101,7 @@ class RunRecord:
     started_at: datetime = field(default_factory=utcnow)
     finished_at: datetime | None = None
     params: dict = field(default_factory=dict)
-    counts: dict = field(default_factory=dict)
+    counts: Counts = field(default_factory=ComputeCounts)
     versions: dict = field(default_factory=package_versions)
     message: str = ""
 
@@ -60,7 +113,7 @@ class RunRecord:
             "started_at": [self.started_at],
             "finished_at": [self.finished_at],
             "params": [json.dumps(self.params, sort_keys=True, default=str)],
-            "counts": [json.dumps(self.counts, sort_keys=True, default=str)],
+            "counts": [json.dumps(asdict(self.counts), sort_keys=True, default=str)],
             "versions": [json.dumps(self.versions, sort_keys=True)],
             "message": [self.message],
         }
@@ -96,7 +149,19 @@ def load_run(store: Store, run_id: str) -> RunRecord | None:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         params=json.loads(row["params"]),
-        counts=json.loads(row["counts"]),
+        counts=counts_from_dict(row["kind"], json.loads(row["counts"])),
         versions=json.loads(row["versions"]),
         message=row["message"] or "",
     )
+
+
+def list_runs(store: Store, kind: str | None = None) -> list[RunRecord]:
+    """Every run record of the store (of one kind), newest first."""
+    found = []
+    for path in store.table_dir("runs").glob("*.parquet"):
+        if path.name.startswith("."):
+            continue
+        record = load_run(store, path.stem)
+        if record is not None and (kind is None or record.kind == kind):
+            found.append(record)
+    return sorted(found, key=lambda r: r.started_at, reverse=True)

@@ -74,6 +74,7 @@ SHARD_SCHEMA = pa.schema(
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("error", pa.string()),
         ("outputs", pa.list_(OUTPUT_TYPE)),
+        ("plan_id", pa.string()),
     ]
 )
 

@@ -65,7 +65,7 @@ def test_fold_flow_equals_in_process_and_exports(
     monkeypatch.setenv("PROTEOFLOW_FAULT_DIR", str(tmp_path / "faults"))
     store = tmp_path / "store"
     record = fold_flow(fold_job(store, fold_inputs, fold_model))
-    assert record.status == "completed" and record.counts["replaced_workers"] >= 1
+    assert record.status == "completed" and record.counts.replaced_workers >= 1
     want = in_process(fold_model, fold_inputs)
     rows = query(store, "SELECT seq_hash, mean_plddt, ptm, pdb, plddt FROM structures")[1]
     assert {h for h, *_ in rows} == set(want)
@@ -93,7 +93,7 @@ def test_fold_flow_equals_in_process_and_exports(
 
     # resume: the same run again computes nothing
     again = fold_flow(fold_job(store, fold_inputs, fold_model))
-    assert again.run_id == record.run_id and again.counts["shards_computed"] == 0
+    assert again.run_id == record.run_id and again.counts.shards_computed == 0
 
     out = tmp_path / "pdb"
     result = run_cli("export-structures", "--store", str(store), "--out", str(out), "--min-plddt", "0")

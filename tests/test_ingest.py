@@ -66,8 +66,8 @@ def test_second_input_adds_only_new_sequences_and_reingest_is_idempotent(tmp_pat
     second = write_slice(ECOLI, tmp_path / "b.fasta", start=60, count=120)  # overlaps the first by 60
     r1 = ingest(Store(store), [str(first)])
     r2 = ingest(Store(store), [str(second)])
-    assert r2.counts["already_in_store"] == 60 and r2.counts["new_sequences"] == 60
-    assert sql(store, "SELECT count(*) FROM sequences")[0][0] == r1.counts["distinct"] + 60
+    assert r2.counts.already_in_store == 60 and r2.counts.new_sequences == 60
+    assert sql(store, "SELECT count(*) FROM sequences")[0][0] == r1.counts.distinct + 60
     before = store_files(store)
     again = run_cli("ingest", str(second), "--store", str(store))
     assert again.returncode == 0 and b"already ingested" in again.stdout
@@ -136,8 +136,8 @@ def test_bad_record_corpus(tmp_path: Path) -> None:
     }
     members = sql(store, "SELECT record_index, seq_id, length FROM members ORDER BY record_index")
     assert members == [(0, "ok1", 11), (1, "ok2", 9), (10, "xbzuo", 8), (11, "ok1", 11)]
-    assert result.counts["records"] == 12 == len(members) + len(got)
-    assert result.counts["duplicates"] == 1
+    assert result.counts.records == 12 == len(members) + len(got)
+    assert result.counts.duplicates == 1
     assert sql(store, "SELECT sequence FROM sequences WHERE length = 9")[0][0] == "MKVLAAGIV"
     long_store = tmp_path / "store2"
     ingest(Store(long_store), [str(path)], max_length=10)
@@ -268,11 +268,11 @@ def test_options_and_worker_count_shape_the_run_id_correctly(tmp_path: Path) -> 
     assert ingest(Store(tmp_path / "s1"), [str(a), str(b)], workers=2).already_ingested
     stricter = ingest(Store(tmp_path / "s1"), [str(a), str(b)], min_length=200)
     assert not stricter.already_ingested and stricter.run_id != plain.run_id
-    assert stricter.counts["rejected_by_rule"].get("too_short", 0) > 0
+    assert stricter.counts.rejected_by_rule.get("too_short", 0) > 0
 
 
 def test_byte_order_mark_is_not_content(tmp_path: Path) -> None:
     path = tmp_path / "bom.fasta"
     path.write_bytes(b"\xef\xbb\xbf>p1 with bom\nMKVL\n")
     result = ingest(Store(tmp_path / "s"), [str(path)])
-    assert result.counts["accepted"] == 1
+    assert result.counts.accepted == 1

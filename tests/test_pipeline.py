@@ -98,16 +98,16 @@ def test_flow_on_two_cpu_actors_equals_in_process_engine(
     record = embed_flow(job(store, inputs, tiny_esm2))
     assert record.status == "completed" and record.run_id != first.run_id
     seqs = sequences_of(inputs)
-    assert record.counts["sequences"] == len(set(seqs) - set(sequences_of(inputs[:1])))
+    assert record.counts.sequences == len(set(seqs) - set(sequences_of(inputs[:1])))
     got = stored(store, first.run_id) | stored(store, record.run_id)
     assert_same(got, reference(tiny_esm2, seqs))
     counts = record.counts
-    assert counts["shards_computed"] == counts["shards"] >= 2
-    assert len({p["pid"] for p in counts["placements"]}) == 2
+    assert counts.shards_computed == counts.shards >= 2
+    assert len({p["pid"] for p in counts.placements}) == 2
     # the same command again resumes the completed run: nothing computed, nothing duplicated
     again = embed_flow(job(store, inputs, tiny_esm2))
-    assert again.run_id == record.run_id and again.counts["shards_computed"] == 0
-    assert again.counts["attempts"] == 2
+    assert again.run_id == record.run_id and again.counts.shards_computed == 0
+    assert again.counts.attempts == 2
     n, distinct = query(store, "SELECT count(*), count(DISTINCT (seq_hash, layer, pooling)) FROM embeddings")[
         1
     ][0]
@@ -132,7 +132,7 @@ def test_killed_actor_is_replaced_and_results_exact(
     record = embed_flow(job(store, inputs, tiny_esm2))
     assert (tmp_path / "faults" / "killed-shard-1").exists()  # the actor really died
     assert record.status == "completed"
-    assert record.counts["replaced_workers"] >= 1 and record.counts["retries"] >= 1
+    assert record.counts.replaced_workers >= 1 and record.counts.retries >= 1
     assert query(store, "SELECT tries FROM shards WHERE shard_id = 1")[1] == [(2,)]
     assert_same(stored(store, record.run_id), reference(tiny_esm2, sequences_of(inputs)))
 
@@ -145,7 +145,7 @@ def test_poison_sequence_is_isolated_as_rejected(
     monkeypatch.setenv("PROTEOFLOW_POISON", poison[:16])
     store = tmp_path / "store"
     record = embed_flow(job(store, inputs, tiny_esm2))
-    assert record.status == "completed" and record.counts["isolated_errors"] == 1
+    assert record.status == "completed" and record.counts.isolated_errors == 1
     rows = query(store, f"SELECT rule, reason FROM rejected WHERE run_id = '{record.run_id}'")[1]
     assert rows and all(rule == "compute_error" and "injected poison" in reason for rule, reason in rows)
     got = stored(store, record.run_id)
@@ -159,7 +159,7 @@ def test_actors_spread_over_two_nodes_with_logical_gpus(
 ):
     store = tmp_path / "store"
     record = embed_flow(job(store, inputs, tiny_esm2, gpus_per_worker=1))
-    placements = record.counts["placements"]
+    placements = record.counts.placements
     assert len({p["node_id"] for p in placements}) == 2  # one GPU per node, one GPU per actor
     assert all(len(p["gpu_ids"]) == 1 for p in placements)
     assert_same(stored(store, record.run_id), reference(tiny_esm2, sequences_of(inputs)))
@@ -271,7 +271,7 @@ def test_adding_a_pooling_or_per_residue_computes_only_what_is_missing(
     }
     record = embed_flow(second)
     n = len(sequences_of(inputs[:1]))
-    assert record.counts["sequences"] == n  # bos and per-residue rows were missing for every sequence
+    assert record.counts.sequences == n  # bos and per-residue rows were missing for every sequence
     rows, distinct = query(
         store, "SELECT count(*), count(DISTINCT (seq_hash, layer, pooling)) FROM embeddings"
     )[1][0]

@@ -1,0 +1,253 @@
+"""The ``neighbors`` and ``clusters`` tables: every sequence's k nearest neighbours in one vector set, computed
+incrementally, and the connected components of that graph above a cosine threshold.
+
+Files: ``neighbors/<model>-<sha>/<run>-<part>.parquet`` (one per chunk of sequences, committed atomically, so an
+interrupted run keeps its finished chunks) and ``clusters/<model>-<sha>/layer<L>-<pooling>-k<k>-t<threshold>.parquet``
+(recomputed whole and replaced atomically). A sequence is done for (model_sha, layer, pooling, k, min_cosine) when
+it has a row for that key: reruns compute only the others, so (seq_hash, neighbor_hash) never repeats in a key.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from storage.catalog import fetch_arrow, file_list
+from storage.layout import write_table_atomic
+from storage.vectors import Hits, VectorSet, iter_blocks, search, stored_hashes
+
+NEIGHBORS_SCHEMA = pa.schema(
+    [
+        ("seq_hash", pa.string()),
+        ("neighbor_hash", pa.string()),
+        ("rank", pa.int32()),
+        ("cosine", pa.float32()),
+        ("model", pa.string()),
+        ("model_sha", pa.string()),
+        ("layer", pa.int16()),
+        ("pooling", pa.string()),
+        ("k", pa.int32()),
+        ("min_cosine", pa.float32()),  # null: no threshold
+        ("run_id", pa.string()),
+    ]
+)
+
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        ("seq_hash", pa.string()),
+        ("cluster_id", pa.string()),  # the smallest seq_hash of the component: stable across reruns
+        ("size", pa.int32()),
+        ("model", pa.string()),
+        ("model_sha", pa.string()),
+        ("layer", pa.int16()),
+        ("pooling", pa.string()),
+        ("k", pa.int32()),
+        ("threshold", pa.float32()),
+    ]
+)
+
+NEIGHBOR_CHUNK = 16_384  # sequences per part file; without an index, one exact pass over the set per part
+
+
+def _key_sql(vs: VectorSet, k: int, min_cosine: float | None) -> str:
+    model = vs.model.replace("'", "''")
+    threshold = "min_cosine IS NULL" if min_cosine is None else f"min_cosine = CAST({min_cosine!r} AS FLOAT)"
+    return (
+        f"model = '{model}' AND model_sha = '{vs.model_sha}' AND layer = {vs.layer} "
+        f"AND pooling = '{vs.pooling.replace(chr(39), chr(39) * 2)}' AND k = {k} AND {threshold}"
+    )
+
+
+def done_hashes(vs: VectorSet, k: int, min_cosine: float | None = None) -> pa.Array:
+    """Sequences that already have neighbour rows for this (set, k, min_cosine)."""
+    files = vs.files("neighbors")
+    if not files:
+        return pa.array([], pa.string())
+    con = duckdb.connect(":memory:")
+    sql = (
+        f"SELECT DISTINCT seq_hash FROM read_parquet({file_list(files)}) WHERE {_key_sql(vs, k, min_cosine)}"
+    )
+    return fetch_arrow(con, sql).column(0).combine_chunks()
+
+
+def read_neighbors(vs: VectorSet, k: int, min_cosine: float | None = None, columns: str = "*") -> pa.Table:
+    """The stored neighbour rows of this (set, k, min_cosine)."""
+    files = vs.files("neighbors")
+    if not files:
+        return NEIGHBORS_SCHEMA.empty_table()
+    con = duckdb.connect(":memory:")
+    sql = f"SELECT {columns} FROM read_parquet({file_list(files)}) WHERE {_key_sql(vs, k, min_cosine)}"
+    return fetch_arrow(con, sql)
+
+
+@dataclass
+class NeighborsRun:
+    """What a neighbors run did."""
+
+    run_id: str
+    computed: int = 0
+    done_before: int = 0
+    rows: int = 0
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    clusters: dict | None = None
+
+
+def _rows(
+    vs: VectorSet, keys: list[str], hits: list[Hits], k: int, min_cosine: float | None, run_id: str
+) -> pa.Table:
+    seq, nbr, rank, cos = [], [], [], []
+    for key, found in zip(keys, hits, strict=True):
+        for r, (other, score) in enumerate(found, start=1):
+            seq.append(key)
+            nbr.append(other)
+            rank.append(r)
+            cos.append(score)
+    n = len(seq)
+    return pa.table(
+        {
+            "seq_hash": pa.array(seq, pa.string()),
+            "neighbor_hash": pa.array(nbr, pa.string()),
+            "rank": pa.array(rank, pa.int32()),
+            "cosine": pa.array(cos, pa.float32()),
+            "model": pa.array([vs.model] * n, pa.string()),
+            "model_sha": pa.array([vs.model_sha] * n, pa.string()),
+            "layer": pa.array([vs.layer] * n, pa.int16()),
+            "pooling": pa.array([vs.pooling] * n, pa.string()),
+            "k": pa.array([k] * n, pa.int32()),
+            "min_cosine": pa.array([min_cosine] * n, pa.float32()),
+            "run_id": pa.array([run_id] * n, pa.string()),
+        },
+        schema=NEIGHBORS_SCHEMA,
+    )
+
+
+def compute_neighbors(
+    vs: VectorSet,
+    k: int,
+    min_cosine: float | None = None,
+    exact: bool = False,
+    chunk: int = NEIGHBOR_CHUNK,
+    progress: Callable[[int, int], None] | None = None,
+) -> NeighborsRun:
+    """Each sequence of the set lacking rows for (k, min_cosine): its ``k`` nearest other sequences, written
+    as neighbors part files. Uses the set's index when present (plus an exact scan of what it does not cover)."""
+    started = time.time()
+    run_id = f"nn-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    done = done_hashes(vs, k, min_cosine)
+    everything = stored_hashes(vs)
+    todo = pc.filter(everything, pc.invert(pc.is_in(everything, value_set=done)))
+    run = NeighborsRun(run_id, done_before=len(everything) - len(todo))
+    if not len(todo):
+        return run
+    taken: set[str] = set()
+    keys: list[str] = []
+    vectors: list[np.ndarray] = []
+    part = 0
+
+    def flush() -> None:
+        nonlocal part, keys, vectors
+        hits = search(vs, np.concatenate(vectors), k, exact=exact, exclude=keys, min_cosine=min_cosine)
+        table = _rows(vs, keys, hits, k, min_cosine, run_id)
+        path = vs.table_dir("neighbors") / f"{run_id}-{part:05d}.parquet"
+        write_table_atomic(path, table, "neighbors", {"run_id": run_id, "part": part, "k": k})
+        run.computed += len(keys)
+        run.rows += table.num_rows
+        run.files.append(str(path.relative_to(vs.root)))
+        part += 1
+        keys, vectors = [], []
+        if progress is not None:
+            progress(run.computed, len(todo))
+
+    for block in iter_blocks(vs):
+        wanted = pc.is_in(block.hashes, value_set=todo).to_numpy(zero_copy_only=False)
+        names = block.hashes.to_pylist()
+        pick = [i for i in np.flatnonzero(wanted) if names[i] not in taken]
+        if not pick:
+            continue
+        taken.update(names[i] for i in pick)
+        keys += [names[i] for i in pick]
+        vectors.append(block.vectors[pick])
+        if len(keys) >= chunk:
+            flush()
+    if keys:
+        flush()
+    run.seconds = round(time.time() - started, 3)
+    return run
+
+
+def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Connected components of an undirected graph on nodes 0..n-1: each node's smallest node index.
+
+    Min-label hooking with pointer jumping, in numpy (O(edges) per round, few rounds).
+    """
+    labels = np.arange(n, dtype=np.int64)
+    if not len(u):
+        return labels
+    while True:
+        lu, lv = labels[u], labels[v]
+        low = np.minimum(lu, lv)
+        np.minimum.at(labels, lu, low)
+        np.minimum.at(labels, lv, low)
+        while True:
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+        if np.array_equal(labels[u], labels[v]):
+            return labels
+
+
+def clusters_path(vs: VectorSet, k: int, threshold: float) -> Path:
+    return vs.table_dir("clusters") / f"layer{vs.layer}-{vs.pooling}-k{k}-t{threshold:g}.parquet"
+
+
+def write_clusters(vs: VectorSet, k: int, threshold: float, min_cosine: float | None = None) -> dict:
+    """Connected components of the k-nearest-neighbour graph (rows of this key) restricted to edges with
+    cosine >= ``threshold``; every sequence of the set gets a row (singletons are their own cluster)."""
+    edges = read_neighbors(vs, k, min_cosine, "seq_hash, neighbor_hash, cosine")
+    edges = edges.filter(pc.greater_equal(edges.column("cosine"), pa.scalar(threshold, pa.float32())))
+    nodes = pc.unique(
+        pa.chunked_array(
+            [stored_hashes(vs), *edges.column("seq_hash").chunks, *edges.column("neighbor_hash").chunks],
+            pa.string(),
+        )
+    )
+    nodes = pc.take(nodes, pc.sort_indices(nodes))
+    u = pc.index_in(edges.column("seq_hash"), value_set=nodes).to_numpy(zero_copy_only=False)
+    v = pc.index_in(edges.column("neighbor_hash"), value_set=nodes).to_numpy(zero_copy_only=False)
+    labels = components(len(nodes), u.astype(np.int64), v.astype(np.int64))
+    sizes = np.bincount(labels, minlength=len(nodes))
+    n = len(nodes)
+    table = pa.table(
+        {
+            "seq_hash": nodes,
+            "cluster_id": pc.take(nodes, pa.array(labels)),
+            "size": pa.array(sizes[labels], pa.int32()),
+            "model": pa.array([vs.model] * n, pa.string()),
+            "model_sha": pa.array([vs.model_sha] * n, pa.string()),
+            "layer": pa.array([vs.layer] * n, pa.int16()),
+            "pooling": pa.array([vs.pooling] * n, pa.string()),
+            "k": pa.array([k] * n, pa.int32()),
+            "threshold": pa.array([threshold] * n, pa.float32()),
+        },
+        schema=CLUSTERS_SCHEMA,
+    )
+    path = clusters_path(vs, k, threshold)
+    write_table_atomic(path, table, "clusters", {"k": k, "threshold": threshold, "min_cosine": min_cosine})
+    clusters = int(np.count_nonzero(sizes))
+    return {
+        "clusters": clusters,
+        "sequences": n,
+        "largest": int(sizes.max()) if n else 0,
+        "singletons": int(np.count_nonzero(sizes == 1)),
+        "path": str(path.relative_to(vs.root)),
+    }
