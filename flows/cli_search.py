@@ -155,7 +155,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         queries = [search.query_from_sequence(args.sequence)]
     rows = search.search(vs, queries, args.model, args.k, args.min_cosine, args.exact)
-    write_result(search.SEARCH_COLUMNS, rows, args.format)
+    write_result(search.SEARCH_COLUMNS, rows, args.format, out=sys.stdout)
     return 0
 
 
@@ -193,7 +193,7 @@ def cmd_neighbors(args: argparse.Namespace) -> int:
     from storage.neighbors import compute_neighbors, write_clusters
 
     vs = _vector_set(args)
-    bar = ProgressLine("neighbors")
+    bar = ProgressLine("neighbors", stream=sys.stderr)
     try:
         run = compute_neighbors(
             vs,

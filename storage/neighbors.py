@@ -4,14 +4,16 @@ incrementally, and the connected components of that graph above a cosine thresho
 Files: ``neighbors/<model>-<sha>/<run>-<part>.parquet`` (one per chunk of sequences, committed atomically, so an
 interrupted run keeps its finished chunks) and ``clusters/<model>-<sha>/layer<L>-<pooling>-k<k>-t<threshold>.parquet``
 (recomputed whole and replaced atomically). A sequence is done for (model_sha, layer, pooling, k, min_cosine) when
-it has a row for that key: reruns compute only the others, so (seq_hash, neighbor_hash) never repeats in a key.
+it has a row for that key: reruns compute only the others, so (seq_hash, neighbor_hash) never repeats in a key,
+and rewrite the lists of done sequences that the new ones enter, so no list goes stale.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import write_table_atomic
@@ -94,6 +97,7 @@ class NeighborsRun:
 
     run_id: str
     computed: int = 0
+    updated: int = 0
     done_before: int = 0
     rows: int = 0
     files: list[str] = field(default_factory=list)
@@ -130,6 +134,47 @@ def _rows(
     )
 
 
+@dataclass
+class _Parts:
+    """Writes a run's part files, numbered in order, each atomically."""
+
+    vs: VectorSet
+    run: NeighborsRun
+    k: int
+    part: int = 0
+
+    def write(self, table: pa.Table) -> None:
+        path = self.vs.table_dir("neighbors") / f"{self.run.run_id}-{self.part:05d}.parquet"
+        write_table_atomic(
+            path, table, "neighbors", {"run_id": self.run.run_id, "part": self.part, "k": self.k}
+        )
+        self.run.rows += table.num_rows
+        self.run.files.append(str(path.relative_to(self.vs.root)))
+        self.part += 1
+
+
+def _chunks(vs: VectorSet, todo: pa.Array, size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """The vectors of the ``todo`` sequences, streamed in scan order, in chunks of ``size`` (the last smaller)."""
+    taken: set[str] = set()
+    keys: list[str] = []
+    parts: list[np.ndarray] = []
+    for block in iter_blocks(vs):
+        wanted = pc.is_in(block.hashes, value_set=todo).to_numpy(zero_copy_only=False)
+        names = block.hashes.to_pylist()
+        pick = [i for i in np.flatnonzero(wanted) if names[i] not in taken]
+        if not pick:
+            continue
+        taken.update(names[i] for i in pick)
+        keys += [names[i] for i in pick]
+        parts.append(block.vectors[pick])
+        while len(keys) >= size:
+            matrix = np.concatenate(parts)
+            yield keys[:size], matrix[:size]
+            keys, parts = keys[size:], [matrix[size:]]
+    if keys:
+        yield keys, np.concatenate(parts)
+
+
 def compute_neighbors(
     vs: VectorSet,
     k: int,
@@ -139,49 +184,118 @@ def compute_neighbors(
     progress: Callable[[int, int], None] | None = None,
 ) -> NeighborsRun:
     """Each sequence of the set lacking rows for (k, min_cosine): its ``k`` nearest other sequences, written
-    as neighbors part files. Uses the set's index when present (plus an exact scan of what it does not cover)."""
+    as neighbors part files, using the set's index when present (plus an exact scan of what it does not cover).
+
+    Sequences already done whose lists the new sequences enter are rewritten first (their old rows dropped,
+    then their new lists written), so the table never goes stale, and a crash at any point leaves either
+    the old rows or none, which the next run computes.
+    """
     started = time.time()
-    run_id = f"nn-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    run = NeighborsRun(f"nn-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}")
     done = done_hashes(vs, k, min_cosine)
     everything = stored_hashes(vs)
     todo = pc.filter(everything, pc.invert(pc.is_in(everything, value_set=done)))
-    run = NeighborsRun(run_id, done_before=len(everything) - len(todo))
+    run.done_before = len(everything) - len(todo)
     if not len(todo):
         return run
-    taken: set[str] = set()
-    keys: list[str] = []
-    vectors: list[np.ndarray] = []
-    part = 0
-
-    def flush() -> None:
-        nonlocal part, keys, vectors
-        hits = search(vs, np.concatenate(vectors), k, exact=exact, exclude=keys, min_cosine=min_cosine)
-        table = _rows(vs, keys, hits, k, min_cosine, run_id)
-        path = vs.table_dir("neighbors") / f"{run_id}-{part:05d}.parquet"
-        write_table_atomic(path, table, "neighbors", {"run_id": run_id, "part": part, "k": k})
+    parts = _Parts(vs, run, k)
+    if len(done):
+        for keys, matrix in _chunks(vs, todo, chunk):
+            run.updated += _update_existing(vs, k, min_cosine, done, keys, matrix, parts)
+    for keys, matrix in _chunks(vs, todo, chunk):
+        hits = search(vs, matrix, k, exact=exact, exclude=keys, min_cosine=min_cosine)
+        parts.write(_rows(vs, keys, hits, k, min_cosine, run.run_id))
         run.computed += len(keys)
-        run.rows += table.num_rows
-        run.files.append(str(path.relative_to(vs.root)))
-        part += 1
-        keys, vectors = [], []
         if progress is not None:
             progress(run.computed, len(todo))
-
-    for block in iter_blocks(vs):
-        wanted = pc.is_in(block.hashes, value_set=todo).to_numpy(zero_copy_only=False)
-        names = block.hashes.to_pylist()
-        pick = [i for i in np.flatnonzero(wanted) if names[i] not in taken]
-        if not pick:
-            continue
-        taken.update(names[i] for i in pick)
-        keys += [names[i] for i in pick]
-        vectors.append(block.vectors[pick])
-        if len(keys) >= chunk:
-            flush()
-    if keys:
-        flush()
     run.seconds = round(time.time() - started, 3)
     return run
+
+
+def _update_existing(
+    vs: VectorSet,
+    k: int,
+    min_cosine: float | None,
+    done: pa.Array,
+    keys: list[str],
+    matrix: np.ndarray,
+    parts: _Parts,
+) -> int:
+    """Rewrite the lists of done sequences that new sequences (``keys``, unit ``matrix``) enter: one exact
+    pass of the done vectors against the new ones. Returns how many lists changed."""
+    con = duckdb.connect(":memory:")
+    files = vs.files("neighbors")
+    source = f"read_parquet({file_list(files)}, filename=true)"
+    where = _key_sql(vs, k, min_cosine)
+    state = {
+        r["seq_hash"]: (r["n"], r["low"])
+        for r in fetch_arrow(
+            con, f"SELECT seq_hash, count(*) AS n, min(cosine) AS low FROM {source} WHERE {where} GROUP BY 1"
+        ).to_pylist()
+    }
+    floor = -np.inf if min_cosine is None else np.float32(min_cosine)
+    found: dict[str, list[tuple[str, float]]] = {}
+    for block in iter_blocks(vs):
+        rows = np.flatnonzero(pc.is_in(block.hashes, value_set=done).to_numpy(zero_copy_only=False))
+        if not len(rows):
+            continue
+        names = [block.hashes[int(i)].as_py() for i in rows]
+        scores = block.vectors[rows] @ matrix.T
+        bar = np.array([state[a][1] if a in state and state[a][0] >= k else floor for a in names], np.float32)
+        enters = (scores > bar[:, None]) & (scores >= floor)
+        for row in np.flatnonzero(enters.any(axis=1)):
+            cols = np.flatnonzero(enters[row])
+            best = cols[np.argsort(-scores[row, cols], kind="stable")[:k]]
+            found.setdefault(names[row], []).extend((keys[c], float(scores[row, c])) for c in best)
+    if not found:
+        return 0
+    con.register("affected", pa.table({"seq_hash": pa.array(sorted(found), pa.string())}))
+    old = fetch_arrow(
+        con,
+        f"SELECT seq_hash, neighbor_hash, cosine, filename FROM {source} SEMI JOIN affected USING (seq_hash) "
+        f"WHERE {where}",
+    ).to_pylist()
+    lists: dict[str, dict[str, float]] = {a: {} for a in found}
+    for r in old:
+        lists[r["seq_hash"]][r["neighbor_hash"]] = r["cosine"]
+    for a, extra in found.items():
+        for b, score in extra:
+            lists[a][b] = max(score, lists[a].get(b, -np.inf))
+    ordered = sorted(found)
+    hits = [sorted(lists[a].items(), key=lambda kv: (-kv[1], kv[0]))[:k] for a in ordered]
+    _drop_rows(
+        vs, k, min_cosine, sorted({r["filename"] for r in old}), pa.array(ordered, pa.string()), parts.run
+    )
+    parts.write(_rows(vs, ordered, hits, k, min_cosine, parts.run.run_id))
+    return len(ordered)
+
+
+def _drop_rows(
+    vs: VectorSet, k: int, min_cosine: float | None, files: list[str], hashes: pa.Array, run: NeighborsRun
+) -> None:
+    """Remove this key's rows of ``hashes`` from the given part files, each rewritten atomically."""
+    for name in files:
+        path = Path(name)
+        table = pq.read_table(path)
+        mask = pc.and_(
+            pc.is_in(table.column("seq_hash"), value_set=hashes),
+            pc.and_(pc.equal(table.column("k"), k), pc.equal(table.column("layer"), vs.layer)),
+        )
+        mask = pc.and_(mask, pc.equal(table.column("pooling"), vs.pooling))
+        if min_cosine is None:
+            mask = pc.and_(mask, pc.is_null(table.column("min_cosine")))
+        else:
+            mask = pc.and_(mask, pc.equal(table.column("min_cosine"), pa.scalar(min_cosine, pa.float32())))
+        keep = table.filter(pc.invert(pc.fill_null(mask, False)))
+        if keep.num_rows == table.num_rows:
+            continue
+        if keep.num_rows == 0:
+            path.unlink(missing_ok=True)
+            continue
+        meta = json.loads((table.schema.metadata or {}).get(b"proteoflow.provenance", b"{}"))
+        write_table_atomic(
+            path, keep.replace_schema_metadata(None), "neighbors", {**meta, "rewritten_by": run.run_id}
+        )
 
 
 def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -141,9 +141,10 @@ def test_exact_search_equals_numpy_reference(base, monkeypatch):
     for query, found in zip(queries, hits, strict=True):
         cosines = matrix @ (query / np.linalg.norm(query))
         _assert_top_k(found, cosines, hashes, 10)
-    floor = hits[0][4][1]
-    limited = vectors.search(vs, queries[:1], 10, exact=True, min_cosine=floor)
-    assert limited[0] == [(h, s) for h, s in hits[0] if s >= floor] and len(limited[0]) >= 5
+    floor = hits[0][4][1] - 1e-6
+    limited = vectors.search(vs, queries[:1], 10, exact=True, min_cosine=floor)[0]
+    assert [h for h, _ in limited] == [h for h, s in hits[0] if s >= floor] and len(limited) >= 5
+    assert all(s >= floor for _, s in limited)
 
 
 def test_self_is_excluded_when_asked(base):
@@ -249,7 +250,8 @@ def test_neighbors_incremental_without_duplicates(store, base):
     _embed_into(store, base["loaded"], [(h, s) for _, h, s in base["extra"]], "embed-c")
     vs = _set(store, base)
     third = neighbors.compute_neighbors(vs, k=5, chunk=2)
-    assert third.computed == len(base["extra"]) and len(third.files) == 2
+    # two parts of new sequences; before each, the done lists that those sequences enter are rewritten
+    assert third.computed == len(base["extra"]) and third.updated > 0 and len(third.files) == 4
     rows = neighbors.read_neighbors(vs, 5).to_pylist()
     pairs = [(r["seq_hash"], r["neighbor_hash"]) for r in rows]
     assert len(pairs) == len(set(pairs)) == vs.rows * 5
@@ -259,7 +261,7 @@ def test_neighbors_incremental_without_duplicates(store, base):
     by_seq: dict[str, list] = {}
     for r in rows:
         by_seq.setdefault(r["seq_hash"], []).append(r)
-    for key in hashes[::11]:
+    for key in hashes:  # every list, old ones included, is the exact top 5 of the store as it is now
         found = sorted(by_seq[key], key=lambda r: r["rank"])
         assert [r["rank"] for r in found] == [1, 2, 3, 4, 5]
         cosines = matrix @ matrix[index[key]]
