@@ -335,8 +335,12 @@ def cmd_compute(args: argparse.Namespace) -> int:
     from flows.launch import launch
     from flows.pool import WorkerStartError
 
+    def report(launched) -> None:
+        print_run_summary(launched.record, nothing_to_do=launched.nothing_to_do)
+        sys.stdout.flush()
+
     try:
-        launched = launch(job, log, verbose=args.verbose)
+        launch(job, log, report, verbose=args.verbose)
     except WorkerStartError as exc:
         raise CliError(str(exc)) from None
     except RunFailed as exc:
@@ -345,7 +349,6 @@ def cmd_compute(args: argparse.Namespace) -> int:
         status = exc.record.status if exc.record is not None else "failed"
         sys.stderr.write(f"proteoflow {job.kind}: run ended {status}: {exc}\n")
         return 1
-    print_run_summary(launched.record, nothing_to_do=launched.nothing_to_do)
     return 0
 
 

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import sys
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -90,14 +90,9 @@ def nothing_left(store: Store, job, identity: EngineIdentity) -> RunRecord | Non
     return record
 
 
-def _start_prefect_api() -> None:
-    """Start Prefect's temporary local API (a subprocess) now, so it boots while Ray starts."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    SubprocessASGIServer().start()
-
-
-def launch(job, log: RunLog, verbose: bool = False, err: TextIO = sys.stderr) -> Launched:
+def launch(
+    job, log: RunLog, report: Callable[[Launched], None], verbose: bool = False, err: TextIO = sys.stderr
+) -> Launched:
     """Run ``job`` (a flows.pipeline.Job) as quickly as the store allows; see the module docstring."""
     store = Store(job.store)
     info = preflight(job.kind, job.model, job.options)
@@ -113,44 +108,47 @@ def launch(job, log: RunLog, verbose: bool = False, err: TextIO = sys.stderr) ->
     if identity is not None:
         record = nothing_left(store, job, identity)
         if record is not None:
-            return Launched(record, nothing_to_do=True)
+            launched = Launched(record, nothing_to_do=True)
+            report(launched)
+            return launched
     if info.random_weights:
         err.write(RANDOM_WEIGHTS_NOTICE.format(name=info.name) + "\n")
     if job.progress:
-        err.write(f"{job.kind}: starting {'Prefect, ' if _needs_api() else ''}Ray and the workers "
-                  f"({info.name})...\n")  # fmt: skip
+        err.write(f"{job.kind}: starting Ray and the workers ({info.name})...\n")
         err.flush()
-    return Launched(_run_flow(job, verbose, log))
+    return Launched(_run_flow(job, verbose, log, lambda record: report(Launched(record))))
 
 
-def _needs_api() -> bool:
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-    return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_EPHEMERAL_ENABLED.value())
-
-
-def _run_flow(job, verbose: bool, log: RunLog) -> RunRecord:
+def _run_flow(job, verbose: bool, log: RunLog, report: Callable[[RunRecord], None]) -> RunRecord:
+    """Start Prefect's API (own child process), Ray and the actors together, then run the flow; the summary
+    is reported before Ray and the API are shut down (that takes seconds)."""
     from flows.cluster import ray_session
-    from flows.pipeline import FLOWS, RunFailed, prestart_workers
+    from flows.prefect_api import TemporaryApi, api_configured
     from flows.resources import resolve_pool
 
-    starter = (
-        threading.Thread(target=_start_prefect_api, name="prefect-api", daemon=True) if _needs_api() else None
-    )
-    if starter is not None:
-        starter.start()
+    api = None if api_configured() else TemporaryApi()
+    if api is not None:
+        api.start()
     record = None
     try:
         with ray_session(job.ray_address, ship_code=job.ship_code, quiet=not verbose) as cluster:
             job.pool = resolve_pool(job.pool, cluster)
+            from flows.pipeline import FLOWS, RunFailed, prestart_workers
+
             prestart_workers(job)
-            if starter is not None:
-                starter.join()
-            record = FLOWS[job.kind](job)
+            if api is not None:
+                api.wait_ready()
+            try:
+                record = FLOWS[job.kind](job)
+            except RunFailed as exc:
+                record = exc.record
+                raise
+            report(record)
+            if api is not None:
+                api.stop(wait=False)  # ends while Ray shuts down
             return record
-    except RunFailed as exc:
-        record = exc.record
-        raise
     finally:
         if record is not None:
             log.save(Store(job.store).log_path(record.run_id))
+        if api is not None:
+            api.stop()

@@ -14,12 +14,14 @@ after a change that adds a table or a model directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -494,9 +496,10 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
 def run_query(
     con: duckdb.DuckDBPyConnection, sql: str, timeout: float | None = None
 ) -> tuple[list[str], list[tuple]]:
-    """Run ``sql`` on a worker thread so Ctrl-C (KeyboardInterrupt, re-raised) and ``timeout`` (QueryTimeout)
-    interrupt DuckDB within a fraction of a second."""
+    """Run ``sql`` on a worker thread so Ctrl-C (KeyboardInterrupt, raised once DuckDB has stopped) and
+    ``timeout`` (QueryTimeout) interrupt it within a fraction of a second."""
     outcome: dict[str, object] = {}
+    done = threading.Event()  # not Thread.join: a Ctrl-C inside join() can mark a running thread stopped
 
     def work() -> None:
         try:
@@ -505,30 +508,50 @@ def run_query(
             outcome["rows"] = result.fetchall()
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             outcome["error"] = exc
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, name="proteoflow-sql", daemon=True)
-    worker.start()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        while worker.is_alive():
-            worker.join(0.05)
-            if deadline is not None and time.monotonic() > deadline and worker.is_alive():
-                _stop(con, worker)
+    interrupted = threading.Event()
+    with _sigint_interrupts(con, interrupted):
+        threading.Thread(target=work, name="proteoflow-sql", daemon=True).start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.05):
+            if interrupted.is_set():
+                _stop(con, done)
+            elif deadline is not None and time.monotonic() > deadline:
+                _stop(con, done)
                 raise QueryTimeout(f"query timed out after {timeout:g} s (--timeout)")
-    except KeyboardInterrupt:
-        _stop(con, worker)
-        raise
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["columns"], outcome["rows"]  # type: ignore[return-value]
 
 
-def _stop(con: duckdb.DuckDBPyConnection, worker: threading.Thread, wait_s: float = 1.0) -> None:
+@contextlib.contextmanager
+def _sigint_interrupts(con: duckdb.DuckDBPyConnection, interrupted: threading.Event) -> Iterator[None]:
+    """While a query runs, Ctrl-C interrupts DuckDB (and is remembered) instead of raising at a random line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        interrupted.set()
+        con.interrupt()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop(con: duckdb.DuckDBPyConnection, done: threading.Event, wait_s: float = 1.0) -> None:
     """Interrupt the running query (again, should it not have started yet) until the worker returns."""
     deadline = time.monotonic() + wait_s
-    while worker.is_alive() and time.monotonic() < deadline:
+    while not done.is_set() and time.monotonic() < deadline:
         con.interrupt()
-        worker.join(0.02)
+        done.wait(0.02)
 
 
 def query(

@@ -279,27 +279,34 @@ def test_adding_a_pooling_or_per_residue_computes_only_what_is_missing(
     assert query(store, "SELECT count(*) FROM residue_embeddings")[1] == [(n,)]
 
 
-def test_unknown_model_is_a_one_line_error(tmp_path):
+def test_unknown_model_is_a_one_line_error_before_anything_starts(tmp_path):
+    started = time.monotonic()
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.cli",
-            "embed",
-            str(EXAMPLE),
-            "--store",
-            str(tmp_path / "s"),
-            "--model",
-            str(tmp_path / "no_such_model"),
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+        [sys.executable, "-m", "flows.cli", "embed", str(EXAMPLE), "--store", str(tmp_path / "s"),
+         "--model", str(tmp_path / "no_such_model"), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
     assert result.returncode == 2
-    assert "proteoflow embed: error: a worker failed to load the model: " in result.stderr
-    assert "ModelNotFoundError: model" in result.stderr  # the cause, not Ray's wrapper
-    [(status,)] = query(tmp_path / "s", "SELECT count(*) FROM runs WHERE kind = 'embed'")[1]
-    assert status == 0  # nothing started: the model never loaded
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("proteoflow embed: error: model ") and "not found" in result.stderr
+    assert not (tmp_path / "s").exists()  # nothing ingested, no Ray, no Prefect
+    assert elapsed < 15, elapsed
+
+
+def test_bad_options_are_one_line_errors_before_anything_starts(tiny_esm2, tmp_path):
+    cases = {
+        ("--layers", "99"): "--layers: layer 99 does not exist",
+        ("--pooling", "max"): "--pooling takes mean and/or bos",
+        ("--min-length", "50", "--max-length", "10"): "--min-length 50 is greater than --max-length 10",
+        ("--cpus-per-worker", "-1"): "--cpus-per-worker must be positive",
+    }
+    for extra, message in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "embed", str(EXAMPLE), "--store", str(tmp_path / "s"),
+             "--model", str(tiny_esm2), "--no-progress", *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 2, (extra, result.stderr)
+        assert result.stderr.count("\n") == 1 and message in result.stderr, (extra, result.stderr)
+    assert not (tmp_path / "s").exists()
