@@ -108,44 +108,33 @@ def print_ingest_summary(result, out=sys.stderr) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from flows.output import ProgressLine, human_bytes
+    from flows.output import human_bytes
+    from flows.progress import ProgressBar
     from storage.ingest import ingest
     from storage.layout import Store
 
     store = Store(require_store(args))
-    bar = ProgressLine("ingest")
-
-    def progress(info: dict) -> None:
-        rate = info["bytes"] / max(bar.elapsed, 1e-9)
-        bar.update(
-            f"{info['records']:,} records, {human_bytes(info['bytes'])} read ({human_bytes(rate)}/s)",
-            force=info.get("done", False),
-        )
-
-    try:
-        result = ingest(
-            store,
-            args.inputs,
-            run_id=args.run_id,
-            min_length=args.min_length,
-            max_length=args.max_length,
-            progress=progress,
-            workers=args.workers,
-        )
-    finally:
-        bar.close()
+    bar = ProgressBar("ingest", unit="records")
+    result = ingest(
+        store,
+        args.inputs,
+        run_id=args.run_id,
+        min_length=args.min_length,
+        max_length=args.max_length,
+        progress=lambda info: bar.update(info["records"]),
+        workers=args.workers,
+    )
+    bar.finish(f"ingest: {result.counts.records:,} records, {human_bytes(result.counts.bytes)} read "
+               f"in {bar.elapsed:,.1f} s")  # fmt: skip
     for name in result.skipped_files:
         sys.stderr.write(f"note: skipped {name} (not a FASTA file name)\n")
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "run_id": result.run_id,
-                    "already_ingested": result.already_ingested,
-                    **asdict(result.counts),
-                }
-            )
-        )
+        payload = {
+            "run_id": result.run_id,
+            "already_ingested": result.already_ingested,
+            **asdict(result.counts),
+        }
+        print(json.dumps(payload))
     else:
         print_ingest_summary(result, sys.stdout)
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import textwrap
+from dataclasses import asdict
 from typing import TextIO
 
 from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
@@ -189,8 +190,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _pool_args(f)
     f.set_defaults(handler=cmd_compute, kind="fold")
 
-    m = sub.add_parser("models", help="list the ESM models known by name")
-    m.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    m = sub.add_parser(
+        "models",
+        help="list the ESM models known by name",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            The ESM-2, ESM-1b and ESM-1v checkpoints proteoflow knows by short name: hub id, parameters,
+            layers and embedding width. Any of these names (or its hub id) works as --model; so does a local
+            Hugging Face directory or a fair-esm .pt file. Weights come from the local Hugging Face cache (or
+            the hub when reachable); a checkpoint's weights checksum is recorded with every result.
+        """),
+        epilog="examples:\n  proteoflow models\n  proteoflow models --format csv > models.csv",
+    )
+    m.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="output format (default table)"
+    )
     m.set_defaults(handler=cmd_models)
 
     x = sub.add_parser(
@@ -204,7 +218,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     x.add_argument(
         "--min-plddt", type=float, metavar="X", help="only structures with mean pLDDT >= X (0-100)"
     )
-    x.add_argument("--format", choices=("pdb", "cif"), default="pdb")
+    x.add_argument(
+        "--format", choices=("pdb", "cif"), default="pdb", help="file format: pdb (default) or cif (mmCIF)"
+    )
+    x.add_argument("--json", action="store_true", help="print the summary as JSON")
     x.add_argument("--run-id", metavar="ID", help="only records of this ingest or fold run")
     x.add_argument("--model", metavar="M", help="only structures of this model name")
     x.set_defaults(handler=cmd_export)
@@ -365,7 +382,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from flows.export import export_structures
 
-    written = export_structures(
+    done = export_structures(
         require_store(args),
         args.out,
         fmt=args.format,
@@ -373,5 +390,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         run_id=args.run_id,
         model=args.model,
     )
-    print(json.dumps({"written": written, "out": args.out}))
+    if args.json:
+        print(json.dumps(asdict(done)))
+    elif done.written:
+        print(f"wrote {done.written:,} {done.fmt.upper()} file(s) to {done.out}")
+    else:
+        print(f"no structure matched the filters; nothing written to {done.out}")
     return 0

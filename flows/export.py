@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from flows.errors import CliError
 from storage.catalog import open_catalog
-from storage.layout import write_bytes_atomic
+from storage.layout import safe_name, write_bytes_atomic
 
 MAX_NAME = 100
+# Names Windows reserves for devices, with any extension: such a file cannot be created there.
+RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10)}
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What an export wrote: how many files, where, in which format."""
+
+    written: int
+    out: str
+    fmt: str
 
 
 def safe_file_stem(record_id: str, fallback: str) -> str:
-    """A portable file name from a FASTA id: ``sp|P0A7V8|RS4_ECOLI`` -> ``sp_P0A7V8_RS4_ECOLI``."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", record_id).strip("._-")[:MAX_NAME]
-    return stem or fallback
+    """A portable file name from a FASTA id: ``sp|P0A7V8|RS4_ECOLI`` -> ``sp_P0A7V8_RS4_ECOLI``; never a
+    Windows device name (``CON`` -> ``CON_``)."""
+    stem = safe_name(record_id, MAX_NAME) or fallback
+    return f"{stem}_" if stem.split(".")[0].upper() in RESERVED else stem
 
 
 def export_structures(
@@ -24,12 +37,15 @@ def export_structures(
     min_plddt: float | None = None,
     run_id: str | None = None,
     model: str | None = None,
-) -> int:
-    """One file per member record with a structure passing the filters; returns how many were written.
+) -> Exported:
+    """One file per member record with a structure passing the filters.
 
-    A record id seen twice with different structures (or two ids that clean to the same name) gets its run
-    and record index appended, so no file overwrites another.
+    A record id seen twice with different structures (or two ids that clean to the same name, ignoring case,
+    as macOS and Windows file systems do) gets its run and record index appended: no file overwrites another.
     """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out}: is a file, not a directory")
     con = open_catalog(store)
     where, params = ["true"], []
     if min_plddt is not None:
@@ -50,15 +66,17 @@ def export_structures(
         "ORDER BY m.run_id, m.record_index",
         params,
     ).fetchall()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--out {out}: cannot create the directory ({exc.strerror})") from None
     used: set[str] = set()
     for seq_id, member_run, index, text in rows:
         base = safe_file_stem(seq_id, f"record_{index}")
         stem, n = base, 1
-        while stem in used:  # same id from another run or model, or two ids that clean alike
+        while stem.lower() in used:  # same id from another run or model, or two ids that clean alike
             stem = f"{base}-{member_run}-{index}" + (f"-{n}" if n > 1 else "")
             n += 1
-        used.add(stem)
+        used.add(stem.lower())
         write_bytes_atomic(out / f"{stem}.{fmt}", text.encode())
-    return len(rows)
+    return Exported(len(rows), str(out), fmt)

@@ -29,7 +29,7 @@ from flows.pool import ActorPool, Dispatched
 from flows.progress import ProgressBar
 from flows.resources import resolve_pool
 from storage import plans, results, shards
-from storage.catalog import refresh_catalog
+from storage.catalog import write_catalog
 from storage.ingest import ingest
 from storage.layout import Store
 from storage.runs import ComputeCounts, IngestCounts, RunRecord, load_run, package_versions
@@ -180,7 +180,7 @@ def compute_shards(job: Job, pool: ActorPool, planned: Planned, identity: Engine
 @task(name="catalog", cache_policy=NONE, retries=2, retry_delay_seconds=1)
 def refresh(job: Job) -> None:
     """Rewrite catalog.sql so the new results answer SQL at once (and any DuckDB client can read them)."""
-    refresh_catalog(job.store)
+    write_catalog(job.store)
 
 
 @task(name="finish", cache_policy=NONE)

@@ -111,7 +111,15 @@ def _read_blocks(stream: BinaryIO, name: str) -> Iterator[bytes]:
             return
         if b"\x00" in block:
             raise InputError(f"{name}: binary data (NUL bytes), not FASTA text")
-        yield block
+        yield unix_newlines(block)
+
+
+def unix_newlines(data: bytes) -> bytes:
+    """CRLF (Windows) and lone CR (classic Mac) line ends as LF. A CRLF split across two blocks becomes an
+    extra blank line, which FASTA ignores."""
+    if b"\r" not in data:
+        return data
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 def _check_start(data: bytes, name: str) -> bytes:
@@ -167,11 +175,14 @@ def iter_record_chunks(source: Source, on_bytes: Callable[[int], None] | None = 
 
 
 def is_plain_file(source: Source) -> bool:
-    """A regular, uncompressed file: its chunks can be read by offset, in parallel, by other processes."""
+    """A regular, uncompressed file with LF line ends: its chunks can be read by offset, in parallel."""
     if source.is_stdin or not os.path.isfile(source.name):
         return False
     with open(source.name, "rb") as fh:
-        return fh.read(2) != GZIP_MAGIC
+        head = fh.read(1 << 16)
+    # Files with CR line ends are streamed (and their line ends rewritten) like gzip input, so their chunks
+    # and run id are the same whichever way they arrive.
+    return head[:2] != GZIP_MAGIC and b"\r" not in head
 
 
 def plan_file_chunks(

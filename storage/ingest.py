@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage.catalog import write_catalog
 from storage.fasta import (
     InputError,
     Source,
@@ -233,6 +234,7 @@ def _ingest(
     counts.skipped_files = len(skipped)
     record.counts = counts
     record.finish(store, "completed")
+    write_catalog(store.root)  # a new table's first file or a new run: catalog.sql answers for it at once
     return IngestResult(run_id, counts, skipped_files=skipped)
 
 

@@ -68,3 +68,28 @@ def test_isolate_failures_keeps_results_and_pins_the_poison() -> None:
     assert sorted(r.key for r in found) == sorted(k for k, _ in items if k != "h5")
     assert errors == [("h5", "RuntimeError: bad residue")]
     assert sum(calls) < 2 * len(items)  # finished results are kept, not recomputed
+
+
+def test_every_option_of_every_command_has_help_text() -> None:
+    import argparse
+
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {' '.join(action.option_strings) or action.dest}"
+        for name, command in sub.choices.items()
+        for action in command._actions
+        if not action.help and not isinstance(action, argparse._HelpAction)
+    ]
+    assert len(sub.choices) >= 6 and not missing, missing
+
+
+def test_export_names_are_portable() -> None:
+    from flows.export import safe_file_stem
+
+    assert safe_file_stem("sp|P0A7V8|RS4_ECOLI", "x") == "sp_P0A7V8_RS4_ECOLI"
+    assert safe_file_stem("CON", "x") == "CON_" and safe_file_stem("com1.2", "x") == "com1.2_"
+    assert safe_file_stem("console", "x") == "console"
+    assert safe_file_stem("..//", "record_7") == "record_7"

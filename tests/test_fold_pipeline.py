@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,7 @@ def test_fold_flow_equals_in_process_and_exports(
     out = tmp_path / "pdb"
     result = run_cli("export-structures", "--store", str(store), "--out", str(out), "--min-plddt", "0")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == f"wrote {len(want)} PDB file(s) to {out}"
     files = sorted(out.glob("*.pdb"))
     assert len(files) == len(want) and all("|" not in f.name for f in files)
     for path in files:
@@ -124,6 +126,16 @@ def test_fold_flow_equals_in_process_and_exports(
             "export-structures", "--store", str(store), "--out", str(cif_out), "--format", "cif"
         ).returncode
         == 0
+    )
+    as_json = run_cli(
+        "export-structures", "--store", str(store), "--out", str(cif_out), "--format", "cif", "--json"
+    )
+    assert json.loads(as_json.stdout) == {"written": len(want), "out": str(cif_out), "fmt": "cif"}
+    not_a_dir = run_cli("export-structures", "--store", str(store), "--out", str(files[0]))
+    assert (
+        not_a_dir.returncode == 2
+        and not_a_dir.stderr.decode().count("\n") == 1
+        and "is a file" in not_a_dir.stderr.decode()
     )
     first = sorted(cif_out.glob("*.cif"))[0]
     assert MMCIFParser(QUIET=True).get_structure("x", first) is not None

@@ -276,3 +276,17 @@ def test_byte_order_mark_is_not_content(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf>p1 with bom\nMKVL\n")
     result = ingest(Store(tmp_path / "s"), [str(path)])
     assert result.counts.accepted == 1
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
+def test_crlf_and_cr_only_line_ends_read_as_the_records_they_are(tmp_path: Path, newline: bytes) -> None:
+    records = read_fasta_records(require_shared(ECOLI))[:30]
+    lf = b"".join(f">{h}\n{s[:60]}\n{s[60:]}\n".encode() for h, s in records)
+    (tmp_path / "lf.fasta").write_bytes(lf)
+    (tmp_path / "other.fasta").write_bytes(lf.replace(b"\n", newline))
+    want = ingest(Store(tmp_path / "a"), [str(tmp_path / "lf.fasta")])
+    got = ingest(Store(tmp_path / "b"), [str(tmp_path / "other.fasta")])
+    assert got.run_id == want.run_id and got.counts.accepted == 30 and got.counts.rejected == 0
+    query = "SELECT record_index, seq_id, description, seq_hash, length FROM members ORDER BY 1"
+    assert sql(tmp_path / "b", query) == sql(tmp_path / "a", query)
+    assert not any("\r" in d for (_, _, d, _, _) in sql(tmp_path / "b", query))
