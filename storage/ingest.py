@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import multiprocessing
 import os
 import shutil
@@ -39,6 +40,7 @@ from storage.fasta import (
     resolve_sources,
 )
 from storage.layout import ParquetSink, Store, staging
+from storage.locks import StoreLock
 from storage.normalize import NUCLEOTIDE_LETTERS
 from storage.records import process_chunk, process_file_chunk
 from storage.runs import IngestCounts, RunRecord, load_run
@@ -230,10 +232,18 @@ def _ingest(
                 )
             return IngestResult(run_id, previous.counts, already_ingested=True, skipped_files=skipped)
         record = RunRecord(run_id=run_id, kind="ingest", params=params)
-        counts = _dedup_and_commit(store, scratch, pass1, run_id, record)
-    counts.skipped_files = len(skipped)
-    record.counts = counts
-    record.finish(store, "completed")
+        deduped = _dedup(store, pass1, run_id, record)
+        # The commit is the only step that must see every earlier commit: a short section under the lock.
+        with StoreLock(store, "ingest"):
+            previous = load_run(store, run_id)
+            if previous is not None and previous.status == "completed":  # the same input, ingested meanwhile
+                deduped.sink.abort()
+                pass1.abort()
+                return IngestResult(run_id, previous.counts, already_ingested=True, skipped_files=skipped)
+            counts = _commit(store, deduped, pass1, run_id)
+            counts.skipped_files = len(skipped)
+            record.counts = counts
+            record.finish(store, "completed")
     write_catalog(store.root)  # a new table's first file or a new run: catalog.sql answers for it at once
     return IngestResult(run_id, counts, skipped_files=skipped)
 
@@ -424,14 +434,23 @@ def _refuse_nucleotides(source: Source, nuc: int, total: int, min_residues: int 
         )
 
 
-def _dedup_and_commit(
-    store: Store, scratch: Path, pass1: _Pass1, run_id: str, record: RunRecord
-) -> IngestCounts:
-    """Pass 2: per bucket, dedup and anti-join against the store; then commit every file by rename."""
+@dataclass
+class _Deduped:
+    """Pass 2's result before its commit: the new sequences (closed, uncommitted) and the files they were
+    deduplicated against."""
+
+    sink: ParquetSink
+    counts: IngestCounts
+    seen: set[Path]
+
+
+def _dedup(store: Store, pass1: _Pass1, run_id: str, record: RunRecord) -> _Deduped:
+    """Pass 2: per bucket, dedup and anti-join against the store's sequences as they are now."""
     final_seq = store.table_dir("sequences") / f"{run_id}.parquet"
     # A crashed earlier attempt of this same run may have committed its sequences file: it is rewritten
     # below, so it must not count as "already in the store".
-    existing = StoreHashes([p for p in store.files("sequences") if p != final_seq])
+    seen = [p for p in store.files("sequences") if p != final_seq]
+    existing = StoreHashes(seen)
     provenance = {"run_id": run_id, "inputs": record.params["inputs"]}
     seq_sink = ParquetSink(
         final_seq, SEQUENCE_SCHEMA, "sequences", provenance, row_group_rows=SEQUENCE_ROW_GROUP_ROWS
@@ -466,10 +485,41 @@ def _dedup_and_commit(
         new_residues=new_residues,
         rejected_by_rule=dict(sorted(pass1.rejected_by_rule.items())),
     )
-    if new:
-        seq_sink.commit()
+    return _Deduped(seq_sink, counts, set(seen))
+
+
+def _without_newer(store: Store, deduped: _Deduped) -> None:
+    """Drop from the uncommitted sequences file those another writer committed since pass 2 read the store
+    (called under the ingest lock; reads only the files committed in between)."""
+    final = deduped.sink.final
+    newer = [p for p in store.files("sequences") if p not in deduped.seen and p != final]
+    if not newer or not deduped.counts.new_sequences:
+        return
+    theirs = pa.concat_tables(pq.read_table(p, columns=["seq_hash"]) for p in newer).column(0)
+    ours = pq.read_table(deduped.sink.temp)
+    keep = pc.invert(pc.is_in(ours.column("seq_hash"), value_set=theirs))
+    kept = ours.filter(keep)
+    dropped = ours.num_rows - kept.num_rows
+    if not dropped:
+        return
+    deduped.sink.abort()
+    deduped.sink = ParquetSink(final, SEQUENCE_SCHEMA, "sequences", json.loads(
+        ours.schema.metadata[b"proteoflow.provenance"]), row_group_rows=SEQUENCE_ROW_GROUP_ROWS)  # fmt: skip
+    deduped.sink.write(kept.replace_schema_metadata(None).cast(SEQUENCE_SCHEMA))
+    deduped.sink.close()
+    counts = deduped.counts
+    counts.new_sequences -= dropped
+    counts.already_in_store += dropped
+    counts.new_residues = pc.sum(kept.column("length")).as_py() or 0
+
+
+def _commit(store: Store, deduped: _Deduped, pass1: _Pass1, run_id: str) -> IngestCounts:
+    """Commit sequences, members and rejected by rename (under the ingest lock)."""
+    _without_newer(store, deduped)
+    if deduped.counts.new_sequences:
+        deduped.sink.commit()
     else:
-        seq_sink.abort()
+        deduped.sink.abort()
     for sink, table in ((pass1.members, "members"), (pass1.rejected, "rejected")):
         target = store.run_dir(table, run_id) / "part-0.parquet"
         if sink.rows:
@@ -477,4 +527,4 @@ def _dedup_and_commit(
         else:
             sink.abort()
             target.unlink(missing_ok=True)
-    return counts
+    return deduped.counts

@@ -1,0 +1,68 @@
+"""Several writers on one store at once: real `proteoflow` processes started together, then the store is
+compared with what running them one after another gives (one row per key, nothing lost)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ECOLI, ROOT, read_fasta_records, require_shared
+
+from storage.catalog import query
+
+TRIALS = 3
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> None:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def overlapping(tmp_path_factory) -> tuple[Path, Path]:
+    """Two slices of the E. coli proteome that share a third of their records."""
+    records = read_fasta_records(require_shared(ECOLI))
+    tmp = tmp_path_factory.mktemp("overlap")
+    a, b = tmp / "a.fasta", tmp / "b.fasta"
+    a.write_text("".join(f">{h}\n{s}\n" for h, s in records[:1500]))
+    b.write_text("".join(f">{h}\n{s}\n" for h, s in records[1000:2500]))
+    return a, b
+
+
+def test_overlapping_ingests_at_once_store_each_sequence_once(overlapping, tmp_path) -> None:
+    a, b = overlapping
+    for trial in range(TRIALS):
+        store = tmp_path / f"store{trial}"
+        first, second = (
+            _start("ingest", str(a), "--store", str(store)),
+            _start("ingest", str(b), "--store", str(store)),
+        )
+        _finish(first)
+        _finish(second)
+        [(rows, distinct)] = query(store, "SELECT count(*), count(DISTINCT seq_hash) FROM sequences")[1]
+        [(wanted,)] = query(store, "SELECT count(DISTINCT seq_hash) FROM members")[1]
+        assert rows == distinct == wanted, (trial, rows, distinct, wanted)
+        [(members,)] = query(store, "SELECT count(*) FROM members")[1]
+        assert members == 3000
+
+
+def test_the_same_input_ingested_twice_at_once_is_one_run(overlapping, tmp_path) -> None:
+    a, _ = overlapping
+    store = tmp_path / "store"
+    procs = [_start("ingest", str(a), "--store", str(store), "--json") for _ in range(2)]
+    for proc in procs:
+        _finish(proc)
+    assert query(store, "SELECT count(*) FROM runs")[1] == [(1,)]
+    [(rows, distinct, members)] = query(
+        store, "SELECT (SELECT count(*) FROM sequences), (SELECT count(DISTINCT seq_hash) FROM sequences), "
+        "(SELECT count(*) FROM members)"
+    )[1]  # fmt: skip
+    assert rows == distinct and members == 1500
