@@ -22,7 +22,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import duckdb
@@ -49,6 +51,7 @@ SESSION_SETTINGS = (
     "SET enable_external_access = false",
     "SET lock_configuration = true",
 )
+FOOTER_THREADS = 8  # footer reads wait on the disk more than on the CPU
 REFUSAL = "the store changes only through ingest, embed and fold"
 
 
@@ -185,16 +188,24 @@ class StoreScan:
     damaged: list[tuple[Path, str]] = field(default_factory=list)
 
 
+def _footer_or_reason(path: Path) -> pa.Schema | str:
+    try:
+        return _footer_schema(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        return _one_line(exc)
+
+
 def scan_store(store: Store) -> StoreScan:
-    """Read every file's footer once: the schemas the views need, and the damaged files to skip."""
+    """Read every file's footer once (on a few threads: pyarrow reads them without the GIL): the schemas
+    the views need, and the damaged files to skip."""
     scan = StoreScan()
-    for table in Store.TABLES:
-        scan.sound[table] = []
-        for path in table_files(store, table):
-            try:
-                scan.sound[table].append((path, _footer_schema(path)))
-            except (OSError, ValueError, pa.ArrowException) as exc:
-                scan.damaged.append((path, _one_line(exc)))
+    files = {table: table_files(store, table) for table in Store.TABLES}
+    every = [path for paths in files.values() for path in paths]
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        found = dict(zip(every, pool.map(_footer_or_reason, every), strict=True))
+    for table, paths in files.items():
+        scan.sound[table] = [(p, found[p]) for p in paths if isinstance(found[p], pa.Schema)]
+        scan.damaged += [(p, found[p]) for p in paths if isinstance(found[p], str)]
     return scan
 
 
@@ -228,19 +239,23 @@ def _vector_dim(schema: pa.Schema) -> int:
 
 
 def _merge(table: str, files: list[tuple[Path, pa.Schema]], damaged: list) -> tuple[pa.Schema, list[Path]]:
-    """One schema for files read together (columns by name, as DuckDB's union_by_name); a file that cannot
-    join the others is damaged."""
-    schema: pa.Schema | None = None
-    kept = []
+    """One schema for files read together (columns by name, as DuckDB's union_by_name); files whose columns
+    cannot join the others' are damaged. Files mostly share one schema, so each distinct one is merged once."""
+    by_schema: dict[pa.Schema, list[Path]] = {}
     for path, own in files:
-        own = pa.schema([f.with_type(_widen(f.type)) for f in own])
+        by_schema.setdefault(own, []).append(path)
+    schema: pa.Schema | None = None
+    kept: list[Path] = []
+    for raw, paths in by_schema.items():
+        own = pa.schema([f.with_type(_widen(f.type)) for f in raw])
         try:
             schema = own if schema is None else pa.unify_schemas([schema, own], promote_options="permissive")
         except (pa.ArrowException, ValueError) as exc:
-            damaged.append((path, f"columns do not match the other {table} files ({_one_line(exc)})"))
+            reason = f"columns do not match the other {table} files ({_one_line(exc)})"
+            damaged += [(path, reason) for path in paths]
             continue
-        kept.append(path)
-    return schema, kept
+        kept += paths
+    return schema, sorted(kept)
 
 
 def _groups(table: str, files: list) -> dict[int, list]:
@@ -281,10 +296,10 @@ def table_ddl(table: str, sources: dict[int, str], typed: bool = False) -> list[
     return statements
 
 
-def _glob_source(store: Store, table: str, paths: list[Path]) -> str:
+def _glob_source(store: Store, table: str, folders: list[Path]) -> str:
     """read_parquet over store-relative globs: the whole table, or the model directories of one width."""
     if table in VECTOR_TABLES:
-        dirs = sorted({p.parent.relative_to(store.root).as_posix() for p in paths})
+        dirs = sorted(f.relative_to(store.root).as_posix() for f in folders)
         globs = file_list([f"{d}/{PARQUET_GLOB}" for d in dirs])
     else:
         globs = _quote(f"{table}/{table_pattern(table)}")
@@ -292,14 +307,29 @@ def _glob_source(store: Store, table: str, paths: list[Path]) -> str:
     return f"read_parquet({globs}, union_by_name=true{options})"
 
 
+def _model_dirs_by_dim(store: Store, table: str) -> dict[int, list[Path]]:
+    """A vector table's model directories by vector width, from one sound footer in each (cheap)."""
+    by_dim: dict[int, list[Path]] = {}
+    for folder, paths in groupby(table_files(store, table), key=lambda p: p.parent):
+        for path in paths:
+            schema = _footer_or_reason(path)
+            if isinstance(schema, pa.Schema):
+                by_dim.setdefault(_vector_dim(schema), []).append(folder)
+                break
+    return dict(sorted(by_dim.items()))
+
+
 def catalog_statements(root: str | Path) -> list[str]:
-    """The DDL of ``catalog.sql``: every view over relative globs, valid while files are added."""
+    """The DDL of ``catalog.sql``: every view over relative globs, valid while files are added. Reads only
+    one footer per model directory of the vector tables (their width), so writers can call it often."""
     store = check_format(root)
-    scan = scan_store(store)
     statements = []
     for table in Store.TABLES:
-        groups = _groups(table, scan.sound[table])
-        sources = {dim: _glob_source(store, table, [p for p, _ in files]) for dim, files in groups.items()}
+        if table in VECTOR_TABLES:
+            groups = _model_dirs_by_dim(store, table)
+        else:
+            groups = {0: [store.table_dir(table)]} if table_files(store, table) else {}
+        sources = {dim: _glob_source(store, table, folders) for dim, folders in groups.items()}
         statements += table_ddl(table, sources)
     return statements
 

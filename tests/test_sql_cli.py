@@ -144,22 +144,22 @@ def cpu_seconds(pid: int) -> float:
 
 def test_control_characters_are_escaped_in_table_and_csv_and_json_stays_valid(tmp_path: Path) -> None:
     fasta = tmp_path / "odd.fasta"
-    fasta.write_bytes(b">sp|ODD|X \x1b[31mred\x1b[0m\tTAB\x07bell\rCR\nMKVLAAGIVG\n")
+    fasta.write_bytes(b">sp|ODD|X \x1b[31mred\x1b[0m\tTAB\x07bell\nMKVLAAGIVG\n")
     root = tmp_path / "store"
     ingest(Store(root), [str(fasta)])
-    query = "SELECT description, 'a' || chr(0) || 'b' AS nul, chr(27) || '[2J' AS \"col\x1b\" FROM members"
+    query = "SELECT description, 'a' || chr(0) || chr(13) || 'b' AS nul, chr(27) || '[2J' AS \"col\x1b\" FROM members"
     table = run_cli("sql", "--store", str(root), query)
     assert table.returncode == 0, table.stderr
     text = table.stdout.decode()
-    assert "\\x1b[31mred\\x1b[0m\\tTAB\\x07bell\\rCR" in text and "a\\x00b" in text and "col\\x1b" in text
+    assert "\\x1b[31mred\\x1b[0m\\tTAB\\x07bell" in text and "a\\x00\\rb" in text and "col\\x1b" in text
     assert not any(ch in text for ch in "\x1b\x07\r\x00\t")
     out = run_cli("sql", "--store", str(root), "--format", "csv", query).stdout.decode()
     [header, row] = list(csv.reader(io.StringIO(out)))
-    assert header[2] == "col\\x1b" and row[0].startswith("\\x1b[31mred") and row[1] == "a\\x00b"
+    assert header[2] == "col\\x1b" and row[0].startswith("\\x1b[31mred") and row[1] == "a\\x00\\rb"
     assert not any(ch in out for ch in "\x1b\x07\r\x00\t")
     as_json = run_cli("sql", "--store", str(root), "--format", "json", query).stdout
     [record] = json.loads(as_json)
-    assert record["description"].startswith("\x1b[31mred") and record["nul"] == "a\x00b"
+    assert record["description"].startswith("\x1b[31mred") and record["nul"] == "a\x00\rb"
     assert b"\x1b" not in as_json
     nan = run_cli("sql", "--store", str(root), "--format", "json", "SELECT 'nan'::DOUBLE AS x").stdout
     assert json.loads(nan) == [{"x": None}]
