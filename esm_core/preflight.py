@@ -17,8 +17,10 @@ from esm_core.sources import (
 )
 from esm_core.weights import RANDOM_WEIGHTS_KEY
 
-# transformers' EsmConfig defaults, used (as from_pretrained does) when a config.json leaves them out.
+# transformers' EsmConfig / EsmcConfig defaults, used (as from_pretrained does) when a config.json leaves
+# them out.
 ESM_CONFIG_DEFAULTS = {"num_hidden_layers": 12, "hidden_size": 768}
+ESMC_CONFIG_DEFAULTS = {"num_hidden_layers": 80, "hidden_size": 2560}
 
 
 class NotCachedError(ModelNotFoundError):
@@ -38,6 +40,7 @@ class CheckpointInfo:
     dim: int | None  # ESM models: hidden size; else None
     random_weights: bool  # the checkpoint says it holds random weights
     fingerprint: str  # esm_core.sources.fingerprint: equal means the same files, unchanged
+    model_type: str = "esm"  # "esm" (ESM-2, ESM-1b/1v, ESMFold) | "esmc" (ESM C)
 
 
 def inspect_checkpoint(spec: str, kind: str = "esm") -> CheckpointInfo:
@@ -66,7 +69,9 @@ def inspect_checkpoint(spec: str, kind: str = "esm") -> CheckpointInfo:
         arch = fair_esm_arch(data, state, spec)
         random_weights = bool(data.get(RANDOM_WEIGHTS_KEY, False))
     else:
-        arch = {**ESM_CONFIG_DEFAULTS, **read_hf_config(source.location, spec)}
+        raw = read_hf_config(source.location, spec)
+        defaults = ESMC_CONFIG_DEFAULTS if raw.get("model_type") == "esmc" else ESM_CONFIG_DEFAULTS
+        arch = {**defaults, **raw}
         check_config(arch, kind, spec)
         random_weights = bool(arch.get(RANDOM_WEIGHTS_KEY, False))
     folding = kind == "esmfold"
@@ -80,4 +85,5 @@ def inspect_checkpoint(spec: str, kind: str = "esm") -> CheckpointInfo:
         dim=None if folding else int(arch["hidden_size"]),
         random_weights=random_weights,
         fingerprint=fingerprint(source),
+        model_type=str(arch.get("model_type", "esm")),
     )

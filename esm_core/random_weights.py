@@ -1,4 +1,5 @@
-"""Write random-weight ESM checkpoints in the real on-disk formats (HF directory, fair-esm .pt).
+"""Write random-weight ESM checkpoints in the real on-disk formats (HF directory, fair-esm .pt): ESM-2 /
+ESM-1b / ESM-1v and ESM C language models, and ESM / ESM C classification heads.
 
 They stand in for pretrained weights where none can be downloaded, and carry the marker
 ``proteoflow_random_weights`` so every result computed from them is flagged.
@@ -7,15 +8,36 @@ They stand in for pretrained weights where none can be downloaded, and carry the
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import EsmConfig, EsmForMaskedLM, EsmModel, EsmTokenizer
+from transformers import (
+    EsmcConfig,
+    EsmcForMaskedLM,
+    EsmcForSequenceClassification,
+    EsmcForTokenClassification,
+    EsmcModel,
+    EsmConfig,
+    EsmForMaskedLM,
+    EsmForSequenceClassification,
+    EsmForTokenClassification,
+    EsmModel,
+    EsmTokenizer,
+)
 
 from esm_core import alphabet, registry
 from esm_core.hf_loading import quiet_loading
 from esm_core.weights import RANDOM_WEIGHTS_KEY
+
+HEADS = ("sequence", "token")
+_HEAD_CLASSES = {
+    ("esm", "sequence"): EsmForSequenceClassification,
+    ("esm", "token"): EsmForTokenClassification,
+    ("esmc", "sequence"): EsmcForSequenceClassification,
+    ("esmc", "token"): EsmcForTokenClassification,
+}
 
 
 def write_random_hf_checkpoint(
@@ -24,17 +46,68 @@ def write_random_hf_checkpoint(
     masked_lm: bool = True,
     seed: int = 0,
 ) -> Path:
-    """Save a randomly initialised ``EsmForMaskedLM`` (or ``EsmModel``) plus tokenizer files to ``out_dir``."""
+    """Save a randomly initialised ``EsmForMaskedLM`` (or ``EsmModel``) plus tokenizer files to ``out_dir``;
+    ESM C architectures (``tiny_esmc``, ``esmc_300m``...) as ``EsmcForMaskedLM`` (or ``EsmcModel``)."""
+    config = _config(arch)
+    torch.manual_seed(seed)
+    if config.model_type == "esmc":
+        model = EsmcForMaskedLM(config) if masked_lm else EsmcModel(config)
+    else:
+        model = EsmForMaskedLM(config) if masked_lm else EsmModel(config, add_pooling_layer=False)
+    return _save(model, out_dir)
+
+
+def write_random_head_checkpoint(
+    out_dir: str | Path,
+    arch: str | dict[str, Any] = "tiny_esm2",
+    head: str = "sequence",
+    labels: Sequence[str] = ("negative", "positive"),
+    problem_type: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised classification model (``Esm`` / ``EsmcForSequenceClassification`` for
+    ``head="sequence"``, ``...ForTokenClassification`` for ``"token"``) whose config names ``labels``
+    (id2label), plus tokenizer files, to ``out_dir``."""
+    if head not in HEADS:
+        raise ValueError(f"head {head!r}: choose from {', '.join(HEADS)}")
+    config = _config(arch)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: index for index, label in enumerate(labels)}
+    config.problem_type = problem_type
+    torch.manual_seed(seed)
+    model = _HEAD_CLASSES[(config.model_type, head)](config)
+    with torch.no_grad():  # default init leaves biases at zero; make every weight count in the tests
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or "classifier" in name or "score" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return _save(model, out_dir)
+
+
+def _config(arch: str | dict[str, Any]) -> EsmConfig | EsmcConfig:
+    shape = registry.architecture(arch)
+    config = EsmcConfig(**shape) if registry.model_type_of(shape) == "esmc" else EsmConfig(**shape)
+    setattr(config, RANDOM_WEIGHTS_KEY, True)
+    return config
+
+
+def _save(model: torch.nn.Module, out_dir: str | Path) -> Path:
+    """``save_pretrained`` plus the family's tokenizer files. ESM C's layer norms (ones/zeros at init) are
+    perturbed first so that a norm mapped to the wrong place cannot pass unnoticed."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = EsmConfig(**registry.architecture(arch))
-    setattr(config, RANDOM_WEIGHTS_KEY, True)
-    torch.manual_seed(seed)
-    model = EsmForMaskedLM(config) if masked_lm else EsmModel(config, add_pooling_layer=False)
-    vocab = alphabet.write_vocab(out_dir / "vocab.txt")
+    if model.config.model_type == "esmc":
+        from transformers import EsmcTokenizer
+
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.add_(0.1 * torch.randn_like(parameter))
+        tokenizer = EsmcTokenizer()
+    else:
+        tokenizer = EsmTokenizer(str(alphabet.write_vocab(out_dir / "vocab.txt")))
     with quiet_loading():  # no "Writing model shards" bar
         model.save_pretrained(out_dir)
-        EsmTokenizer(str(vocab)).save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

@@ -1,7 +1,8 @@
 """Known ESM checkpoints: hub id, size and an architecture that builds a same-shaped (random) model.
 
-Architectures are plain dicts of transformers ``EsmConfig`` keyword arguments so that they can be
-written to config.json, compared and rebuilt without importing a model class.
+Architectures are plain dicts of transformers config keyword arguments (``EsmConfig``; ``EsmcConfig`` for
+ESM C, whose dicts carry ``model_type="esmc"``) so that they can be written to config.json, compared and
+rebuilt without importing a model class.
 """
 
 from __future__ import annotations
@@ -53,8 +54,36 @@ def esm1b_arch(
     }
 
 
+def esmc_arch(layers: int, dim: int, heads: int, max_positions: int = 2048) -> dict[str, Any]:
+    """ESM C shape (transformers ``EsmcConfig``): pre-norm blocks with QK layer norm, SwiGLU FFN of
+    8/3 x dim rounded up to a multiple of 256, rotary positions, a 64-token vocabulary whose first 33 ids are
+    the ESM-2 alphabet's."""
+    return {
+        "model_type": "esmc",
+        "vocab_size": 64,
+        "pad_token_id": alphabet.PAD,
+        "mask_token_id": alphabet.MASK,
+        "num_hidden_layers": layers,
+        "hidden_size": dim,
+        "num_attention_heads": heads,
+        "intermediate_size": -(-(8 * dim // 3) // 256) * 256,
+        "max_position_embeddings": max_positions,
+    }
+
+
+def model_type_of(arch: dict[str, Any]) -> str:
+    """ "esmc" for ESM C architectures, else "esm"."""
+    return arch.get("model_type", "esm")
+
+
 def count_parameters(arch: dict[str, Any]) -> int:
-    """Parameters of ``EsmModel`` without pooler (embeddings, encoder, contact head); no LM head."""
+    """Parameters of the encoder without heads: ``EsmModel`` without pooler (embeddings, encoder, contact
+    head; no LM head) or ``EsmcModel``."""
+    if model_type_of(arch) == "esmc":
+        d, f, n = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+        # q/k/v/o (no bias), q/k norms (no bias), SwiGLU (no bias), two block norms (with bias)
+        per_layer = 4 * d * d + 2 * d + 3 * d * f + 2 * 2 * d
+        return arch["vocab_size"] * d + n * per_layer + d
     d, f, n, h = (
         arch["hidden_size"],
         arch["intermediate_size"],
@@ -76,7 +105,7 @@ class ModelInfo:
 
     name: str
     hub_id: str
-    family: str  # "esm2" | "esm1b" | "esm1v" | "tiny"
+    family: str  # "esm2" | "esm1b" | "esm1v" | "esmc"
     nominal: str  # size as in the name: "8M", "650M", "15B"
     arch: dict[str, Any] = field(repr=False)
 
@@ -125,42 +154,60 @@ _MODELS = [
 ]
 MODELS: dict[str, ModelInfo] = {m.name: m for m in _MODELS}
 
+# ESM C (transformers' Esmc* classes), kept apart from MODELS so the ESM-2 / ESM-1 listing stays as it is;
+# resolve() and lookup() know both.
+ESMC_MODELS: dict[str, ModelInfo] = {
+    m.name: m
+    for m in (
+        ModelInfo("esmc_300m", "biohub/ESMC-300M", "esmc", "300M", esmc_arch(30, 960, 15)),
+        ModelInfo("esmc_600m", "biohub/ESMC-600M", "esmc", "600M", esmc_arch(36, 1152, 18)),
+    )
+}
+_KNOWN: dict[str, ModelInfo] = {**MODELS, **ESMC_MODELS}
+
+# The five ESM-1v checkpoints whose scores are averaged for variant effects (Meier et al. 2021).
+ESM1V_ENSEMBLE: tuple[str, ...] = tuple(m.name for m in MODELS.values() if m.family == "esm1v")
+
 # Small shapes for tests and smoke runs; never on the hub.
 TINY_ARCHS: dict[str, dict[str, Any]] = {
     "tiny_esm2": esm2_arch(2, 32, 4),
     "tiny_esm1b": esm1b_arch(2, 32, 4, 64),
     "tiny_esm1v": esm1b_arch(2, 32, 4, 64, emb_layer_norm_before=False),
+    "tiny_esmc": esmc_arch(2, 32, 4),
 }
 
 
 def resolve(spec: str) -> str:
-    """Hub id for a known short name ("esm2_t6_8M_UR50D" -> "facebook/esm2_t6_8M_UR50D"); else ``spec``."""
-    info = MODELS.get(spec)
+    """Hub id for a known short name ("esm2_t6_8M_UR50D" -> "facebook/esm2_t6_8M_UR50D",
+    "esmc_300m" -> "biohub/ESMC-300M"); else ``spec``."""
+    info = _KNOWN.get(spec)
     return info.hub_id if info else spec
 
 
 def lookup(spec: str) -> ModelInfo | None:
     """The registry entry for a short name or hub id, or None."""
-    if spec in MODELS:
-        return MODELS[spec]
-    return next((m for m in MODELS.values() if m.hub_id == spec), None)
+    if spec in _KNOWN:
+        return _KNOWN[spec]
+    return next((m for m in _KNOWN.values() if m.hub_id == spec), None)
 
 
 def architecture(arch: str | dict[str, Any]) -> dict[str, Any]:
-    """EsmConfig kwargs for a registry name, a tiny name, or a dict (returned as a copy)."""
+    """Config kwargs for a registry name, a tiny name, or a dict (returned as a copy)."""
     if isinstance(arch, dict):
         return dict(arch)
     if arch in TINY_ARCHS:
         return dict(TINY_ARCHS[arch])
     info = lookup(arch)
     if info is None:
-        known = ", ".join([*MODELS, *TINY_ARCHS])
+        known = ", ".join([*_KNOWN, *TINY_ARCHS])
         raise KeyError(f"unknown architecture {arch!r}; known: {known}")
     return dict(info.arch)
 
 
-def model_table() -> list[dict[str, Any]]:
-    """Rows for ``proteoflow models``: name, hub id, params, layers, dim (registry order)."""
+def model_table(include_esmc: bool = False) -> list[dict[str, Any]]:
+    """Rows for ``proteoflow models``: name, hub id, params, layers, dim (registry order); ESM C last when
+    ``include_esmc``."""
+    models = [*MODELS.values(), *(ESMC_MODELS.values() if include_esmc else ())]
     return [
         {
             "name": m.name,
@@ -170,5 +217,5 @@ def model_table() -> list[dict[str, Any]]:
             "layers": m.layers,
             "dim": m.dim,
         }
-        for m in MODELS.values()
+        for m in models
     ]

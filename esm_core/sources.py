@@ -131,10 +131,13 @@ def read_hf_config(directory: str | Path, spec: str) -> dict[str, Any]:
 
 
 def check_config(config: dict[str, Any], kind: str, spec: str) -> None:
-    """Refuse a config that is not an ESM model (``kind="esm"``) or not ESMFold (``kind="esmfold"``)."""
+    """Refuse a config that is not an ESM language model (``kind="esm"``: ESM-2 / ESM-1 ``model_type="esm"``
+    or ESM C ``"esmc"``) or not ESMFold (``kind="esmfold"``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; choose one of {', '.join(KINDS)}")
     model_type = config.get("model_type")
+    if kind == "esm" and model_type == "esmc":
+        return
     if model_type != "esm":
         raise ModelNotFoundError(
             f"model {spec!r} is not an ESM checkpoint (config model_type {model_type!r})"
