@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import write_table_atomic
-from storage.vectors import Hits, VectorSet, iter_blocks, search, stored_hashes
+from storage.vectors import Hits, Searcher, VectorSet, iter_blocks, stored_hashes
 
 NEIGHBORS_SCHEMA = pa.schema(
     [
@@ -202,8 +202,9 @@ def compute_neighbors(
     if len(done):
         for keys, matrix in _chunks(vs, todo, chunk):
             run.updated += _update_existing(vs, k, min_cosine, done, keys, matrix, parts)
+    searcher = Searcher(vs, exact)  # the index, when there is one, is read once
     for keys, matrix in _chunks(vs, todo, chunk):
-        hits = search(vs, matrix, k, exact=exact, exclude=keys, min_cosine=min_cosine)
+        hits = searcher.search(matrix, k, exclude=keys, min_cosine=min_cosine)
         parts.write(_rows(vs, keys, hits, k, min_cosine, run.run_id))
         run.computed += len(keys)
         if progress is not None:
@@ -239,7 +240,7 @@ def _update_existing(
         rows = np.flatnonzero(pc.is_in(block.hashes, value_set=done).to_numpy(zero_copy_only=False))
         if not len(rows):
             continue
-        names = [block.hashes[int(i)].as_py() for i in rows]
+        names = block.hashes.take(pa.array(rows)).to_pylist()
         scores = block.vectors[rows] @ matrix.T
         bar = np.array([state[a][1] if a in state and state[a][0] >= k else floor for a in names], np.float32)
         enters = (scores > bar[:, None]) & (scores >= floor)

@@ -299,10 +299,11 @@ def fetch(vs: VectorSet, hashes: Iterable[str]) -> dict[str, np.ndarray]:
 class TopK:
     """The ``k`` best (cosine, seq_hash) per query over the blocks seen so far."""
 
-    def __init__(self, queries: int, k: int) -> None:
+    def __init__(self, queries: int, k: int, missing: object = None) -> None:
+        """``missing`` fills empty places: None for seq_hash names, -1 for integer ids."""
         self.k = k
         self.scores = np.full((queries, k), -np.inf, np.float32)
-        self.hashes = np.full((queries, k), None, object)
+        self.hashes = np.full((queries, k), missing, object if missing is None else np.int64)
 
     def add(self, rows: slice, scores: np.ndarray, hashes: np.ndarray) -> None:
         """Merge a (queries in ``rows``) x (block) score matrix whose columns are ``hashes``."""
@@ -416,6 +417,7 @@ class IndexInfo:
     files: dict[str, FileState]
     built_at: float
     seconds: float = 0.0
+    phases: dict = field(default_factory=dict)  # seconds per build step: train, add, calibrate, write
 
     def to_json(self) -> dict:
         return {**self.__dict__, "files": [[p, *s] for p, s in sorted(self.files.items())]}
@@ -423,7 +425,8 @@ class IndexInfo:
     @classmethod
     def from_json(cls, data: dict) -> IndexInfo:
         files = {p: (int(size), int(mtime)) for p, size, mtime in data["files"]}
-        return cls(**{**data, "files": files})
+        known = set(cls.__dataclass_fields__) - {"files"}
+        return cls(**{k: v for k, v in data.items() if k in known}, files=files)
 
 
 def _pick_kind(kind: str, rows: int) -> str:
@@ -446,7 +449,8 @@ class _Build:
     hashes: list[str] = field(default_factory=list)
     files: list[int] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
-    probes: list[np.ndarray] = field(default_factory=list)  # calibration queries, in id order
+    probes: list[np.ndarray] = field(default_factory=list)  # calibration queries (flat, HNSW)
+    probe_ids: list[int] = field(default_factory=list)  # each calibration query's own id (-1: a duplicate)
 
 
 def _sample_positions(rows: int, count: int, seed: int) -> np.ndarray:
@@ -454,17 +458,18 @@ def _sample_positions(rows: int, count: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(rows, size=min(rows, count), replace=False))
 
 
-def _training_sample(vs: VectorSet, files: Sequence[Path], count: int) -> np.ndarray:
-    """About ``count`` vectors spread over the whole set (a first streaming pass, for IVF training)."""
-    positions = _sample_positions(vs.rows, count, seed=1)
-    taken, offset = [], 0
+def _samples(vs: VectorSet, files: Sequence[Path], *positions: np.ndarray) -> list[np.ndarray]:
+    """The vectors at the given scan positions (sorted), for each set of positions, in one streaming pass."""
+    taken: list[list[np.ndarray]] = [[] for _ in positions]
+    offset = 0
     for block in iter_blocks(vs, files):
         n = len(block.vectors)
-        lo, hi = np.searchsorted(positions, [offset, offset + n])
-        if hi > lo:
-            taken.append(block.vectors[positions[lo:hi] - offset])
+        for out, where in zip(taken, positions, strict=True):
+            lo, hi = np.searchsorted(where, [offset, offset + n])
+            if hi > lo:
+                out.append(block.vectors[where[lo:hi] - offset])
         offset += n
-    return np.concatenate(taken) if taken else np.zeros((0, vs.dim), np.float32)
+    return [np.concatenate(t) if t else np.zeros((0, vs.dim), np.float32) for t in taken]
 
 
 def build_index(
@@ -483,6 +488,8 @@ def build_index(
     states = _file_states(vs, files)  # before reading: a file changed during the build counts as changed
     kind = _pick_kind(kind, vs.rows)
     d = vs.dim
+    probes = _sample_positions(max(vs.rows, 1), CALIBRATION_QUERIES, seed=2)  # scan positions
+    truth: TopK | None = None
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
         params: dict = {}
@@ -494,35 +501,51 @@ def build_index(
         nlist = ivf_lists(vs.rows)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.spherical = True
-        sample = _training_sample(vs, files, 40 * nlist)
+        sample, probe_vectors = _samples(vs, files, _sample_positions(vs.rows, 40 * nlist, seed=1), probes)
+        truth = TopK(len(probe_vectors), CALIBRATION_K + 1, missing=-1)  # exact answers, filled while adding
         if len(sample) < nlist:
             raise VectorError(f"too few vectors ({len(sample)}) to train an IVF index; use --kind flat")
         index.train(sample)
         params = {"nlist": nlist}
+    phases = {"train": time.time() - started}
     state = _Build()
-    probes = _sample_positions(max(vs.rows, 1), CALIBRATION_QUERIES, seed=2)
     offset = 0
     for block in iter_blocks(vs, files):
         keys = block.hashes.to_pylist()
         keep = [i for i, key in enumerate(keys) if key not in state.seen]
         state.seen.update(keys)
         n = len(block.vectors)
+        ids = np.full(n, -1, np.int64)
+        ids[keep] = len(state.hashes) + np.arange(len(keep))
         lo, hi = np.searchsorted(probes, [offset, offset + n])
-        state.probes += list(block.vectors[probes[lo:hi] - offset])
+        state.probe_ids += ids[probes[lo:hi] - offset].tolist()
+        if truth is None:
+            state.probes += list(block.vectors[probes[lo:hi] - offset])
         offset += n
         if not keep:
             continue
-        index.add(block.vectors[keep] if len(keep) < n else block.vectors)
+        added = block.vectors[keep] if len(keep) < n else block.vectors
+        index.add(added)
+        if truth is not None and len(probe_vectors):
+            truth.add(slice(None), probe_vectors @ added.T, ids[keep])
         state.hashes += [keys[i] for i in keep]
         state.files += [block.file] * len(keep)
         if progress is not None:
             progress(len(state.hashes))
     if not state.hashes:
         raise VectorError(f"no vectors for {vs.label}: nothing to index")
+    phases["add"] = time.time() - started - sum(phases.values())
     recall = 1.0
-    if kind != "flat" and state.probes:
-        recall, tuned = _calibrate(index, kind, np.stack(state.probes), params)
+    if kind != "flat":
+        if truth is None:
+            probe_vectors = np.stack(state.probes) if state.probes else np.zeros((0, d), np.float32)
+            truth_ids = faiss.downcast_index(index.storage).search(probe_vectors, CALIBRATION_K + 1)[1]
+        else:
+            order = np.argsort(-truth.scores, axis=1, kind="stable")
+            truth_ids = np.take_along_axis(truth.hashes, order, axis=1)
+        recall, tuned = _calibrate(index, kind, probe_vectors, truth_ids, state.probe_ids, params)
         params.update(tuned)
+    phases["calibrate"] = time.time() - started - sum(phases.values())
     build = uuid.uuid4().hex[:12]
     info = IndexInfo(
         kind=kind,
@@ -533,7 +556,6 @@ def build_index(
         recall=recall,
         files=states,
         built_at=time.time(),
-        seconds=0.0,
     )
     folder = index_dir(vs)
     folder.mkdir(parents=True, exist_ok=True)
@@ -549,6 +571,8 @@ def build_index(
         }
     )
     info.seconds = round(time.time() - started, 3)
+    phases["write"] = time.time() - started - sum(phases.values())
+    info.phases = {name: round(value, 3) for name, value in phases.items()}
     write_table_atomic(manifest_path(vs), manifest, "vector_index", info.to_json())
     for old in folder.glob(f"layer{vs.layer}-{vs.pooling}-*.faiss"):
         if old.name != info.index_file:
@@ -572,22 +596,29 @@ def _search_params(kind: str, value: int, selector=None):
     return params
 
 
-def _calibrate(index, kind: str, probes: np.ndarray, params: dict) -> tuple[float, dict]:
-    """The smallest nprobe / efSearch whose recall@10 (each probe's own vector left out) reaches the target."""
-    import faiss
+def _without(ids: Sequence[int], own: int, k: int) -> set[int]:
+    """The first ``k`` ids of a ranked list, the probe's own id and empty places (-1) left out."""
+    return set([i for i in ids if i != own and i >= 0][:k])
 
-    k = CALIBRATION_K + 1
+
+def _calibrate(
+    index, kind: str, probes: np.ndarray, truth: np.ndarray, own: list[int], params: dict
+) -> tuple[float, dict]:
+    """The smallest nprobe / efSearch whose recall@10 against ``truth`` (exact ranked ids; each probe's own
+    vector left out) reaches TARGET_RECALL."""
+    k = CALIBRATION_K
     if kind == "ivf":
-        _, truth = index.search(probes, k, params=_search_params("ivf", params["nlist"]))
         ladder, name, top = [2**i for i in range(20)], "nprobe", params["nlist"]
     else:
-        _, truth = faiss.downcast_index(index.storage).search(probes, k)
         ladder, name, top = [16 * 2**i for i in range(8)], "efSearch", 2048
-    want = [set(row[1:]) - {-1} for row in truth]
+    want = [_without(row, me, k) for row, me in zip(truth, own, strict=True)]
     recall, value = 1.0, top
     for value in [v for v in ladder if v < top] + [top]:
-        _, got = index.search(probes, k, params=_search_params(kind, value))
-        recall = float(np.mean([len(w & set(g)) / max(len(w), 1) for w, g in zip(want, got, strict=True)]))
+        _, got = index.search(probes, k + 1, params=_search_params(kind, value))
+        found = [
+            len(w & _without(g, me, k)) / max(len(w), 1) for w, g, me in zip(want, got, own, strict=True)
+        ]
+        recall = float(np.mean(found)) if found else 1.0
         if recall >= TARGET_RECALL:
             break
     return round(recall, 4), {name: int(value)}
@@ -657,6 +688,43 @@ def load_index(vs: VectorSet) -> LoadedIndex | None:
     return LoadedIndex(info, index, hashes, stale, uncovered)
 
 
+class Searcher:
+    """Cosine search over a set, its index (when present and not ``exact``) read once for many calls."""
+
+    def __init__(self, vs: VectorSet, exact: bool = False) -> None:
+        self.vs = vs
+        self.index = None if exact else load_index(vs)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: Sequence[str | None] | None = None,
+        min_cosine: float | None = None,
+    ) -> list[Hits]:
+        """The ``k`` most cosine-similar distinct sequences for each query vector, best first.
+
+        With an index: the index, plus an exact scan of the files it does not cover, merged; otherwise one
+        exact streaming pass. ``exclude[i]`` is a seq_hash never returned for query i.
+        """
+        queries = unit_rows(queries)
+        fetch_k = k + (1 if exclude else 0)
+        if self.index is None:
+            parts = [exact_scan(self.vs, queries, fetch_k, exclude=exclude)]
+        else:
+            parts = [self.index.search(queries, fetch_k)]
+            if self.index.uncovered:
+                parts.append(
+                    exact_scan(self.vs, queries, fetch_k, files=self.index.uncovered, exclude=exclude)
+                )
+        if exclude:
+            for scores, hashes in parts:
+                for i, key in enumerate(exclude):
+                    if key is not None:
+                        scores[i, hashes[i] == key] = -np.inf
+        return merge_hits(k, parts, min_cosine)
+
+
 def search(
     vs: VectorSet,
     queries: np.ndarray,
@@ -665,23 +733,5 @@ def search(
     exclude: Sequence[str | None] | None = None,
     min_cosine: float | None = None,
 ) -> list[Hits]:
-    """The ``k`` most cosine-similar distinct sequences of the set for each query vector.
-
-    With an index (and not ``exact``): the index, plus an exact scan of the files it does not cover, merged;
-    otherwise one exact streaming pass. ``exclude[i]`` is a seq_hash never returned for query i.
-    """
-    queries = unit_rows(queries)
-    fetch_k = k + (1 if exclude else 0)
-    loaded = None if exact else load_index(vs)
-    if loaded is None:
-        parts = [exact_scan(vs, queries, fetch_k, exclude=exclude)]
-    else:
-        parts = [loaded.search(queries, fetch_k)]
-        if loaded.uncovered:
-            parts.append(exact_scan(vs, queries, fetch_k, files=loaded.uncovered, exclude=exclude))
-    if exclude:
-        for scores, hashes in parts:
-            for i, key in enumerate(exclude):
-                if key is not None:
-                    scores[i, hashes[i] == key] = -np.inf
-    return merge_hits(k, parts, min_cosine)
+    """One :meth:`Searcher.search` call: the set's index if it has one (unless ``exact``), else an exact scan."""
+    return Searcher(vs, exact).search(queries, k, exclude, min_cosine)
