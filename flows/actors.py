@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 from flows.engines import EngineIdentity, EngineOptions, ShardOutput, build_engine
@@ -45,6 +46,7 @@ class ShardWorker:
 
     def run_shard(self, shard_id: int, items: list[tuple[str, str]], run_id: str) -> ShardOutput:
         _maybe_die(shard_id)
+        time.sleep(float(os.environ.get("PROTEOFLOW_SHARD_DELAY_S", 0)))  # test hook: a slow shard
         return self.engine.run(items, run_id)
 
 

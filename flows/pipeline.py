@@ -18,6 +18,8 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
@@ -32,6 +34,7 @@ from storage import plans, results, shards
 from storage.catalog import write_catalog
 from storage.ingest import ingest
 from storage.layout import Store
+from storage.locks import Lease, StoreLock
 from storage.runs import ComputeCounts, IngestCounts, RunRecord, load_run, package_versions
 
 VERSIONED_PACKAGES = ("proteoflow", "torch", "transformers", "ray", "prefect", "pyarrow", "duckdb")
@@ -45,6 +48,7 @@ class Planned:
     plan: plans.Plan
     done: set[int]
     distrusted: dict[int, str]
+    lease: Lease
 
 
 # ------------------------------------------------------------------------------------------ start-up handoff
@@ -85,23 +89,29 @@ def ingest_inputs(job: Job) -> tuple[str, IngestCounts]:
 
 @task(name="plan", cache_policy=NONE)
 def plan_shards(job: Job, ingest_run: str, identity: EngineIdentity) -> Planned:
-    """Open (or resume) the run record and its plan; shards of earlier attempts count as done only when
-    their outputs are intact (a lost or damaged output is quarantined and its shard computed again)."""
+    """Open (or resume) the run record and its plan, and claim the plan's sequences with a lease.
+
+    Planning holds a short lock per model weights, so two runs never claim the same sequence: a sequence
+    another live run has claimed is skipped here and waited for at the end. Shards of earlier attempts count
+    as done only when their outputs are intact (a lost or damaged output is quarantined and recomputed)."""
     store = Store(job.store)
     run_id = job.run_id or run_id_for(job, ingest_run, identity)
     record = open_run(store, job, run_id, ingest_run, identity)
     cost = COSTS[job.kind]
-    plan = plans.load_plan(store, run_id, cost)
-    if plan is None:
+    with StoreLock(store, f"plan-{identity.model.sha}"):
         done = results.done_hashes(store, identity.model, wanted_rows(job.kind, job.options, identity))
-        todo = plans.pending_sequences(store, [ingest_run], done)
-        cut = cut_shards(todo.column("length").to_pylist(), cost, job.pool.workers or 1)
-        plan = plans.write_plan(store, run_id, todo, cut, cost)
-        shards.drop_stale(store, run_id, plan.plan_id)
-    done, distrusted = shards.trusted_done(store, run_id, plan.plan_id)
+        claimed = plans.claimed_by_others(store, identity.model.sha, run_id)
+        todo = plans.pending_sequences(store, [ingest_run], pa.concat_arrays([done, claimed]))
+        plan = plans.load_plan(store, run_id, cost)
+        if plan is None or not plans.covers(plan, todo.column("seq_hash")):
+            cut = cut_shards(todo.column("length").to_pylist(), cost, job.pool.workers or 1)
+            plan = plans.write_plan(store, run_id, todo, cut, cost)
+            shards.drop_stale(store, run_id, plan.plan_id)
+        lease = Lease(store, run_id, identity.model.sha).start()
+    done_shards, distrusted = shards.trusted_done(store, run_id, plan.plan_id)
     for shard_id, why in distrusted.items():
         shards.quarantine_outputs(store, run_id, shard_id, f"shard record says done but {why}")
-    return Planned(record, plan, done, distrusted)
+    return Planned(record, plan, done_shards, distrusted, lease)
 
 
 @task(name="compute", cache_policy=NONE)
@@ -128,6 +138,11 @@ def compute_shards(job: Job, pool: ActorPool, planned: Planned, identity: Engine
     started = time.monotonic()
 
     def on_done(shard_id: int, output: ShardOutput, sent: Dispatched) -> None:
+        if not planned.lease.held():  # lapsed (a stalled driver): another run may have taken these sequences
+            hashes = plan.hashes([shard_id])
+            existing.update(
+                {r.table: results.existing_keys(store, r.table, identity.model, hashes) for r in wanted}
+            )
         outputs = results.write_shard_outputs(
             store, identity.model, record.run_id, shard_id, output.tables, existing
         )
@@ -197,14 +212,14 @@ def finish(
         "shards_failed": counts.shards_failed, "wall_seconds": time.monotonic() - started})  # fmt: skip
     main = wanted_rows(job.kind, job.options, identity)[0].table
     counts.outputs = str(results.model_dir(store, main, identity.model))
-    missing = missing_results(store, job, planned, identity)
+    missing = wait_for_claims(store, job, planned, identity)
     if counts.shards_failed:
         failed = ", ".join(f"{k}: {v}" for k, v in list(counts.failed.items())[:3])
         record.finish(store, "partial", f"{counts.shards_failed} shard(s) failed after retries ({failed}); "
                                         "rerun the same command to retry them")  # fmt: skip
     elif missing:
-        record.finish(store, "partial", f"{missing} planned sequence(s) lack results in the store after the run; "
-                                        "rerun the same command to compute them")  # fmt: skip
+        record.finish(store, "partial", f"{missing} sequence(s) of the input lack results after the run (another "
+                                        "run claimed them and stopped); rerun the same command to compute them")  # fmt: skip
     else:
         record.finish(store, "completed")
     return record
@@ -232,6 +247,8 @@ def _pipeline(job: Job) -> RunRecord:
             raise
         finally:
             pool.shutdown()
+            if planned is not None and planned.record.status != "running":
+                planned.lease.release()
     refresh(job)
     record = finish(job, planned, identity, ingested, started)
     if record.status != "completed":
@@ -312,13 +329,31 @@ def check_same_run(record: RunRecord, job: Job, ingest_run: str, identity: Engin
         )
 
 
-def missing_results(store: Store, job: Job, planned: Planned, identity: EngineIdentity) -> int:
-    """Planned sequences that still lack a wanted row, not counting those isolated as failing to compute."""
-    planned_hashes = set(planned.plan.hashes().to_pylist())
-    if not planned_hashes:
-        return 0
-    have = set(
-        results.done_hashes(store, identity.model, wanted_rows(job.kind, job.options, identity)).to_pylist()
-    )
-    rejected = shards.rejected_hashes(store, planned.record.run_id, planned.record.params["ingest_run"])
-    return len(planned_hashes - have - rejected)
+def missing_results(store: Store, job: Job, planned: Planned, identity: EngineIdentity) -> pa.Array:
+    """Sequences of the run's input that still lack a wanted row, not counting those this run isolated as
+    failing to compute."""
+    ingest_run = planned.record.params["ingest_run"]
+    have = results.done_hashes(store, identity.model, wanted_rows(job.kind, job.options, identity))
+    rejected = pa.array(sorted(shards.rejected_hashes(store, planned.record.run_id, ingest_run)), pa.string())
+    todo = plans.pending_sequences(store, [ingest_run], pa.concat_arrays([have, rejected]))
+    return todo.column("seq_hash").combine_chunks()
+
+
+CLAIM_POLL_S = 2.0
+
+
+def wait_for_claims(store: Store, job: Job, planned: Planned, identity: EngineIdentity) -> int:
+    """Release this run's lease, then wait while other live runs hold claims on sequences this run still
+    lacks (they are computing them); returns how many sequences are still missing after that."""
+    planned.lease.release()
+    logger = get_run_logger()
+    while True:
+        missing = missing_results(store, job, planned, identity)
+        if not len(missing):
+            return 0
+        claimed = plans.claimed_by_others(store, identity.model.sha, planned.record.run_id)
+        waiting = pc.sum(pc.is_in(missing, value_set=claimed)).as_py() or 0
+        if not waiting:
+            return len(missing)
+        logger.info("waiting for %d sequence(s) another live run has claimed", waiting)
+        time.sleep(CLAIM_POLL_S)

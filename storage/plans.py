@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import ParquetSink, Store
+from storage.locks import leases
 from storage.schemas import PLAN_SCHEMA
 
 MAX_SHARD_SEQUENCES = 2048
@@ -127,3 +128,19 @@ def load_plan(store: Store, run_id: str, cost: Callable[[int], float]) -> Plan |
             len(lengths), pc.sum(lengths).as_py() or 0, sum(cost(n) for n in lengths.to_pylist())
         )
     return Plan(path, provenance.get("plan_id", ""), shards)
+
+
+def covers(plan: Plan, hashes: pa.Array) -> bool:
+    """Whether every one of ``hashes`` is in the plan (else the plan is stale: rebuild it)."""
+    return pc.all(pc.is_in(hashes, value_set=plan.hashes())).as_py() is not False
+
+
+def claimed_by_others(store: Store, model_sha: str, run_id: str) -> pa.Array:
+    """Sequences in the plans of other runs that hold a live lease on these weights."""
+    claimed = [pa.array([], pa.string())]
+    for lease in leases(store, model_sha):
+        if lease.run_id != run_id and lease.live():
+            path = store.plan_path(lease.run_id)
+            if path.exists():
+                claimed.append(pq.read_table(path, columns=["seq_hash"]).column(0).combine_chunks())
+    return pa.concat_arrays(claimed)

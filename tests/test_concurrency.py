@@ -3,6 +3,7 @@ compared with what running them one after another gives (one row per key, nothin
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,13 @@ from storage.catalog import query
 TRIALS = 3
 
 
-def _start(*args: str) -> subprocess.Popen:
+def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -66,3 +71,26 @@ def test_the_same_input_ingested_twice_at_once_is_one_run(overlapping, tmp_path)
         "(SELECT count(*) FROM members)"
     )[1]  # fmt: skip
     assert rows == distinct and members == 1500
+
+
+def test_overlapping_embeds_at_once_compute_each_sequence_once(tiny_esm2, tmp_path) -> None:
+    """Two `embed` runs whose inputs overlap, started together: one row per (sequence, layer, pooling), and
+    a sequence computed by one run is not computed by the other (the second skips what the first claimed and
+    waits for it)."""
+    records = read_fasta_records(require_shared(ECOLI))[::7]
+    a, b = tmp_path / "a.fasta", tmp_path / "b.fasta"
+    a.write_text("".join(f">{h}\n{s[:300]}\n" for h, s in records[:50]))
+    b.write_text("".join(f">{h}\n{s[:300]}\n" for h, s in records[20:80]))
+    store = tmp_path / "store"
+    common = ["--store", str(store), "--model", str(tiny_esm2), "--workers", "1", "--no-progress"]
+    slow = {"PROTEOFLOW_SHARD_DELAY_S": "2"}  # both runs' compute phases overlap for certain
+    first, second = _start("embed", str(a), *common, env=slow), _start("embed", str(b), *common, env=slow)
+    _finish(first)
+    _finish(second)
+    [(rows, keys, sequences)] = query(
+        store, "SELECT count(*), count(DISTINCT (seq_hash, layer, pooling)), count(DISTINCT seq_hash) FROM embeddings"
+    )[1]  # fmt: skip
+    [(wanted,)] = query(store, "SELECT count(DISTINCT seq_hash) FROM members")[1]
+    assert rows == keys == sequences == wanted
+    statuses = query(store, "SELECT status FROM runs WHERE kind = 'embed'")[1]
+    assert statuses == [("completed",), ("completed",)]
