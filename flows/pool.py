@@ -20,7 +20,7 @@ from flows.actors import ShardWorker
 from flows.engines import EngineIdentity, EngineOptions, ShardOutput
 from flows.job import PoolOptions
 
-FAULT_ENV = ("PROTEOFLOW_KILL_SHARD", "PROTEOFLOW_FAULT_DIR", "PROTEOFLOW_POISON")
+FAULT_ENV = ("PROTEOFLOW_KILL_SHARD", "PROTEOFLOW_FAULT_DIR", "PROTEOFLOW_POISON", "PROTEOFLOW_SHARD_DELAY_S")
 
 
 class WorkerStartError(Exception):
