@@ -9,7 +9,7 @@ import sys
 import textwrap
 from dataclasses import asdict
 
-from flows import cli_compute, cli_sql
+from flows import cli_check, cli_compute, cli_sql
 from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
 from flows.errors import CliError
 
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(sub)
     cli_compute.add_parsers(sub)
     cli_sql.add_parser(sub)
+    cli_check.add_parser(sub)
     return parser
 
 
