@@ -175,17 +175,15 @@ def summary(report, store: str, repaired: bool) -> str:
 
 def report_json(report, store: str) -> list[dict]:
     """Every finding as an object: kind, path, reason, status (repaired, remains or in-progress), what the
-    repair did or would do, and the command that recomputes what it lost."""
-    rows = []
-    for repair in report.repairs:
-        f = repair.finding
-        rows.append({"kind": f.kind, "path": f.path, "reason": f.reason, "status": "repaired",
-                     "fix": f.fix, "done": repair.done, "command": None})  # fmt: skip
-    for f in report.findings:
-        command = rerun_command(f.rerun, store) if f.rerun is not None else None
-        rows.append({"kind": f.kind, "path": f.path, "reason": f.reason, "status": "remains",
-                     "fix": f.fix or None, "done": None, "command": command})  # fmt: skip
-    for f in report.in_progress:
-        rows.append({"kind": f.kind, "path": f.path, "reason": f.reason, "status": "in-progress",
-                     "fix": None, "done": None, "command": None})  # fmt: skip
-    return rows
+    repair does (fix) or did (done), and the command that recomputes what it lost (or null)."""
+
+    def row(finding, status: str, done: str | None = None) -> dict:
+        command = rerun_command(finding.rerun, store) if finding.rerun is not None else None
+        return {"kind": finding.kind, "path": finding.path, "reason": finding.reason, "status": status,
+                "fix": finding.fix or None, "done": done, "command": command}  # fmt: skip
+
+    return (
+        [row(r.finding, "repaired", r.done) for r in report.repairs]
+        + [row(f, "remains") for f in report.findings]
+        + [row(f, "in-progress") for f in report.in_progress]
+    )

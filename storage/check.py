@@ -74,11 +74,12 @@ QUARANTINE, REMOVE, WRITE_MANIFEST, MARK_RERUN, REWRITE_CATALOG = (
 
 FLAT_TABLES = ("sequences", "runs", "plans")
 HIVE_NAMES = {  # the file names a run's partition may hold
-    "members": re.compile(r"part-\d+\.parquet"),
-    "rejected": re.compile(r"(part-\d+|shard-\d{5,})\.parquet"),  # ingest rejections; a compute run's
+    "members": re.compile(r"part-0\.parquet"),
+    "rejected": re.compile(r"(part-0|shard-\d{5,})\.parquet"),  # an ingest run's; a compute run's
     "shards": re.compile(r"shard-\d{5,}\.parquet"),
 }
-MODEL_DIR_TABLES = (*RESULT_TABLES, "neighbors", "clusters", "indexes")  # <table>/<model>-<sha>/<file>
+# Directories whose files are table files: flat (<table>/<file>), run partitions (HIVE_NAMES) or, for the rest,
+# one directory per model identity (<table>/<model>-<sha>/<file>).
 INSPECTED = (*Store.TABLES, "plans", "neighbors", "clusters", "indexes")
 # Directories of the layout whose files are not table files: only writers' temporaries are looked for there.
 OTHER_DIRS = ("logs", "locks", "leases")
@@ -159,9 +160,10 @@ class CheckReport:
         return dict(counts)
 
     def reruns(self) -> list[Rerun]:
-        """The runs to rerun for what remains, one entry per run (its shards merged)."""
+        """The runs to rerun for what remains or what a repair moved aside, one entry per run (its shards
+        merged), ingest runs first."""
         merged: dict[str, Rerun] = {}
-        for f in self.findings:
+        for f in [r.finding for r in self.repairs] + self.findings:
             r = f.rerun
             if r is None:
                 continue
@@ -252,12 +254,6 @@ class _Scan:
     ) -> None:
         rel = path if isinstance(path, str) else self.rel(path)
         self.findings.append(Finding(kind, rel, reason, fix, rerun))
-
-    def young(self, path: Path) -> bool:
-        try:
-            return self.now - path.stat().st_mtime < self.grace_s
-        except FileNotFoundError:
-            return False
 
 
 def _check(store: Store, grace_s: float) -> CheckReport:
@@ -364,7 +360,9 @@ def _walk_level(scan: _Scan, table: str, folder: Path, levels: int) -> None:
             scan.add("stray", entry, f"not a file name of a {table} partition", QUARANTINE)
         elif table == "indexes" and name.endswith(".faiss"):
             continue
-        elif name.startswith(".") or not name.endswith(".parquet"):
+        elif name.startswith("."):
+            scan.add("stray", entry, "a hidden file, which no writer leaves behind", QUARANTINE)
+        elif not name.endswith(".parquet"):
             scan.add("stray", entry, f"not a Parquet file of {table}", QUARANTINE)
         else:
             scan.data.append((table, entry))
@@ -449,8 +447,8 @@ def _read_files(scan: _Scan) -> None:
             common = max(set(widths), key=widths.count)
             for f, width in zip(files, widths, strict=True):
                 if width != common:
-                    scan.add("schema", f.path, f"vectors of width {width}; the other files of {folder.name}: "
-                             f"{common}", QUARANTINE)  # fmt: skip
+                    why = f"vectors of width {width}; the other files of {folder.name}: {common}"
+                    scan.add("schema", f.path, why, QUARANTINE)
                     scan.usable[table].remove(f)
 
 
@@ -533,8 +531,8 @@ def _load_records(scan: _Scan) -> None:
         if record is None:
             continue
         if record.run_id != f.path.stem or f.rows != 1:
-            scan.add("stray", f.path, f"holds {f.rows} record(s) of run {record.run_id}, not one of "
-                                      f"{f.path.stem}", QUARANTINE)  # fmt: skip
+            why = f"holds {f.rows} record(s) of run {record.run_id}, not one of {f.path.stem}"
+            scan.add("stray", f.path, why, QUARANTINE)
             continue
         scan.runs[record.run_id] = record
     for f in scan.usable["shards"]:
@@ -585,8 +583,8 @@ def _check_counts(scan: _Scan) -> None:
             young[(table, run_id)] |= scan.now - f.mtime < scan.grace_s
         for folder in sorted(p for p in scan.store.table_dir(table).glob("run_id=*") if p.is_dir()):
             run_id = folder.name.removeprefix("run_id=")
-            if run_id in scan.runs or not any(folder.glob("[!.]*.parquet")):
-                continue
+            if run_id in scan.runs or not (folder / "part-0.parquet").exists():
+                continue  # recorded, or a compute run's rejections (shard-N), whose record is its own matter
             finding = Finding(
                 "counts",
                 scan.rel(folder),
@@ -603,8 +601,8 @@ def _check_counts(scan: _Scan) -> None:
             why = f"ingest run {run_id} is {record.status}" + (
                 f" ({record.message})" if record.message else ""
             )
-            scan.add("incomplete-run", path, why + "; rerunning it writes its rows",
-                     rerun=_ingest_rerun(scan, run_id, "its rows are incomplete"))  # fmt: skip
+            rerun = _ingest_rerun(scan, run_id, "its rows are incomplete")
+            scan.add("incomplete-run", path, why + "; rerunning it writes its rows", rerun=rerun)
             continue
         counts = record.counts
         if not isinstance(counts, IngestCounts):
@@ -698,8 +696,8 @@ def _check_duplicates(scan: _Scan) -> None:
                 parts.append(f"{sum(others.values()):,} {what}s also in {named}")
                 unique = _unique_keys(con, select, names, suspect, [p for p in by_path if p != suspect])
             if others and not within and not unique:
-                scan.add("duplicate", Path(suspect), "; ".join(parts) + "; every key is also elsewhere (a copy)",
-                         QUARANTINE)  # fmt: skip
+                why = "; ".join(parts) + "; every key is also elsewhere (a copy)"
+                scan.add("duplicate", Path(suspect), why, QUARANTINE)
             else:
                 kept = f"; {unique:,} of its keys are in no other file, so it is kept" if unique else ""
                 scan.add("duplicate", Path(suspect), "; ".join(parts) + kept)
@@ -724,63 +722,71 @@ def _recorded_outputs(scan: _Scan) -> set[str]:
     return {out.path for records in scan.shards.values() for r in records.values() for out in r.outputs}
 
 
-def _plan_id(scan: _Scan, run_id: str) -> str | None:
-    """The plan id of a compute run's current plan ('' when it has no readable plan)."""
-    for f in scan.usable["plans"]:
-        if f.path.stem == run_id:
-            return str(f.provenance.get("plan_id", ""))
-    return ""
+def _plan_ids(scan: _Scan) -> dict[str, str]:
+    """Each compute run's current plan id, from its plan's footer (a run without a readable plan: none)."""
+    return {f.path.stem: str(f.provenance.get("plan_id", "")) for f in scan.usable["plans"]}
 
 
 def _check_outputs(scan: _Scan) -> None:
-    """Every result file listed by a shard record of its run; every output a done shard record lists present
-    with the size it recorded (storage.results.missing_outputs, as resume judges it)."""
-    recorded = _recorded_outputs(scan)
+    """Every result file listed by a shard record of its run; every output a done shard record (of the run's
+    current plan) lists present with the size it recorded (storage.results.missing_outputs, as resume
+    judges it)."""
+    recorded, plan_ids = _recorded_outputs(scan), _plan_ids(scan)
     for table in RESULT_TABLES:
         for f in scan.usable[table]:
-            rel = scan.rel(f.path)
-            if rel in recorded:
-                continue
-            run_id = str(f.provenance.get("run_id", ""))
-            shard_id = f.provenance.get("shard_id")
-            record = scan.runs.get(run_id)
-            if record is not None and record.status == "running" and scan.now - f.mtime < scan.grace_s:
-                scan.in_progress.append(Finding("unrecorded-output", rel, f"being written by run {run_id}"))
-                continue
-            shard = scan.shards.get(run_id, {}).get(shard_id) if isinstance(shard_id, int) else None
-            plan_id = _plan_id(scan, run_id)
-            redo = isinstance(shard_id, int) and record is not None and record.kind != "ingest" and (
-                shard is None or shard.status != "done" or bool(plan_id) and shard.plan_id != plan_id
-            )  # fmt: skip
-            if redo:
-                why = f"shard {shard_id} stopped before its record was written"
-                scan.add("unrecorded-output", f.path, f"no shard record of run {run_id} lists it: {why}; rerunning "
-                         "the run computes that shard again", QUARANTINE, _compute_rerun(scan, run_id, shard_id, why))  # fmt: skip
-            else:
-                owner = (
-                    f"run {run_id}" if record is not None else f"a run with no record ({run_id or 'unnamed'})"
-                )
-                scan.add("unrecorded-output", f.path, f"no shard record of {owner} lists it")
+            if scan.rel(f.path) not in recorded:
+                _unrecorded(scan, f, plan_ids)
     for run_id, record in sorted(scan.runs.items()):
         if record.kind == "ingest":
             continue
-        plan_id = _plan_id(scan, run_id)
+        plan_id = plan_ids.get(run_id, "")
         for shard_id, shard in sorted(scan.shards.get(run_id, {}).items()):
             if shard.status != "done" or (plan_id and shard.plan_id != plan_id):
                 continue
             for out in shard.outputs:
-                wrong = missing_outputs(scan.store, [out])
-                if not wrong:
+                if not missing_outputs(scan.store, [out]):
                     continue
-                exists = (scan.store.root / out.path).exists()
-                why = f"shard {shard_id} lost its {out.table} output"
-                detail = (
-                    f"size differs from run {run_id}'s shard {shard_id} record ({out.bytes:,} bytes recorded)"
-                    if exists
-                    else f"missing: run {run_id}'s shard {shard_id} is recorded done with this output"
+                rerun = _compute_rerun(
+                    scan, run_id, shard_id, f"shard {shard_id} lost its {out.table} output"
                 )
-                scan.add("missing-output", out.path, detail, QUARANTINE if exists else "",
-                         _compute_rerun(scan, run_id, shard_id, why))  # fmt: skip
+                if (scan.store.root / out.path).exists():
+                    why = f"size differs from run {run_id}'s shard {shard_id} record ({out.bytes:,} bytes recorded)"
+                    scan.add("missing-output", out.path, why, QUARANTINE, rerun)
+                else:
+                    why = f"missing: run {run_id}'s shard {shard_id} is recorded done with this output"
+                    scan.add("missing-output", out.path, why, "", rerun)
+
+
+def _unrecorded(scan: _Scan, f: _File, plan_ids: dict[str, str]) -> None:
+    """A result file no shard record lists. Left by an attempt that stopped between writing a shard's outputs
+    and its record, it is quarantined (rerunning the run computes the shard again); otherwise it is named
+    and kept (a copy of another file is the duplicate check's to quarantine)."""
+    run_id = str(f.provenance.get("run_id", ""))
+    shard_id = f.provenance.get("shard_id")
+    record = scan.runs.get(run_id)
+    if record is None:
+        scan.add(
+            "unrecorded-output",
+            f.path,
+            f"no shard record lists it, and its run ({run_id or '?'}) has no record",
+        )
+        return
+    if record.status == "running" and scan.now - f.mtime < scan.grace_s:
+        scan.in_progress.append(
+            Finding("unrecorded-output", scan.rel(f.path), f"being written by run {run_id}")
+        )
+        return
+    shard = scan.shards.get(run_id, {}).get(shard_id) if isinstance(shard_id, int) else None
+    plan_id = plan_ids.get(run_id, "")
+    stopped = shard is None or shard.status != "done" or bool(plan_id) and shard.plan_id != plan_id
+    if isinstance(shard_id, int) and record.kind != "ingest" and stopped:
+        why = f"shard {shard_id} stopped before its record was written"
+        reason = (
+            f"no shard record of run {run_id} lists it: {why}; rerunning the run computes the shard again"
+        )
+        scan.add("unrecorded-output", f.path, reason, QUARANTINE, _compute_rerun(scan, run_id, shard_id, why))
+    else:
+        scan.add("unrecorded-output", f.path, f"no shard record of run {run_id} lists it")
 
 
 def _check_orphans(scan: _Scan) -> None:
@@ -852,8 +858,8 @@ def _check_temporaries(scan: _Scan) -> None:
                 Finding("temporary", scan.rel(path), "being written by a running command")
             )
         else:
-            scan.add("temporary", path, f"a writer's temporary file, untouched for {_age(age)}: its writer is gone",
-                     REMOVE)  # fmt: skip
+            why = f"a writer's temporary file, untouched for {_age(age)}: its writer is gone"
+            scan.add("temporary", path, why, REMOVE)
 
 
 def _check_catalog(scan: _Scan) -> None:
@@ -869,8 +875,8 @@ def _check_catalog(scan: _Scan) -> None:
     text = path.read_text(errors="replace")
     stale = [s for s in statements if s not in text]
     if stale:
-        scan.add("catalog", path, f"out of date: {len(stale)} view(s) do not match the store's files",
-                 REWRITE_CATALOG)  # fmt: skip
+        why = f"out of date: {len(stale)} view(s) do not match the store's files"
+        scan.add("catalog", path, why, REWRITE_CATALOG)
 
 
 # ------------------------------------------------------------------------------------------------- repair

@@ -227,6 +227,24 @@ def test_duplicated_result_file_is_found_and_the_copy_quarantined(store: Path, c
     assert_nothing_deleted(before, store)
 
 
+def test_output_of_a_shard_that_stopped_before_its_record_is_quarantined_and_its_rerun_named(
+    store: Path, capsys
+) -> None:
+    """Outputs committed, then the run died before the shard's record: the file is quarantined (a rerun
+    computes the shard again) and the rerun command is printed."""
+    (store / "shards" / f"run_id={EMBED_RUN}" / "shard-00001.parquet").unlink()
+    status, out = check(store, capsys=capsys)
+    assert status == 1
+    [line] = lines_of(out, "unrecorded-output")
+    assert "shard 1 stopped before its record was written" in line and "[--repair quarantines it]" in line
+    status, out = check(store, "--repair", "--json", capsys=capsys)
+    assert status == 0, out
+    [row] = json.loads(out)
+    assert row["status"] == "repaired" and row["done"].startswith("moved to quarantine/")
+    assert f"--run-id {EMBED_RUN}" in row["command"]
+    assert not shard_file(store, 1).exists() and shard_file(store, 0).exists()
+
+
 def test_a_duplicate_holding_rows_found_nowhere_else_is_kept(store: Path, capsys) -> None:
     """Two sequences files sharing some hashes: reported, but neither is a copy, so repair moves neither."""
     [seq] = (store / "sequences").glob("*.parquet")
@@ -382,6 +400,7 @@ def test_missing_manifest_and_stale_catalog_are_rewritten(store: Path, capsys) -
 # ---------------------------------------------------------------------------------------- real compute
 
 
+@pytest.mark.slow
 def test_a_real_embed_run_leaves_a_sound_store(tiny_esm2: Path, tmp_path: Path) -> None:
     """One real `proteoflow embed` (Ray, Prefect, the model) and `proteoflow check` on what it wrote."""
     fasta = write_slice(ECOLI, tmp_path / "slice.fasta", count=12, max_length=300)
