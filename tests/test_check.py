@@ -156,6 +156,20 @@ def test_a_sound_store_passes(store: Path, capsys) -> None:
     assert status == 0 and contents(store) == before  # a sound store is left exactly as it was
 
 
+def test_search_indexes_neighbors_and_clusters_are_part_of_the_layout(store: Path, capsys) -> None:
+    from storage.neighbors import compute_neighbors, write_clusters
+    from storage.vectors import build_index, resolve
+
+    vectors = resolve(store, [MODEL.name])
+    build_index(vectors, "flat")
+    compute_neighbors(vectors, 3)
+    write_clusters(vectors, 3, 0.5)
+    status, out = check(store, capsys=capsys)
+    assert status == 0, out
+    (store / "indexes" / f"{MODEL.name}-{MODEL.sha}" / "notes.txt").write_text("mine\n")
+    assert [f.path for f in check_store(store).findings] == [f"indexes/{MODEL.name}-{MODEL.sha}/notes.txt"]
+
+
 def test_not_a_store_and_newer_format_are_usage_errors(store: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     for root in (tmp_path / "missing", tmp_path / "empty"):
