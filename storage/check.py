@@ -221,6 +221,7 @@ class _File:
     schema: pa.Schema
     meta: dict[bytes, bytes]
     rows: int
+    row_groups: int
     mtime: float
 
     @property
@@ -398,8 +399,9 @@ def _walk_staging(scan: _Scan, staging: Path) -> None:
 # ----------------------------------------------------------------------------------------- reading files
 
 
-def _read_through(path: Path) -> tuple[pa.Schema, dict[bytes, bytes], int] | str:
-    """Read a Parquet file to its end, a few MB at a time; its schema, footer key-values and rows, or why not."""
+def _read_through(path: Path) -> tuple[pa.Schema, dict[bytes, bytes], int, int] | str:
+    """Read a Parquet file to its end, a few MB at a time: its schema, footer key-values and rows, or why
+    it cannot be read (a damaged page fails here even when the footer reads)."""
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
@@ -411,7 +413,7 @@ def _read_through(path: Path) -> tuple[pa.Schema, dict[bytes, bytes], int] | str
             batch = int(max(1, min(65_536, READ_BATCH_BYTES // max(per_row, 1))))
             for _ in pf.iter_batches(batch_size=batch, row_groups=[rg], use_threads=False):
                 pass
-        return pf.schema_arrow, dict(md.metadata or {}), md.num_rows
+        return pf.schema_arrow, dict(md.metadata or {}), md.num_rows, md.num_row_groups
     except Exception as exc:  # noqa: BLE001 - a damaged file can fail anywhere in pyarrow; it is a finding
         return _one_line(exc)
 
@@ -427,7 +429,7 @@ def _read_files(scan: _Scan) -> None:
         if isinstance(result, str):
             scan.add("unreadable", path, result, QUARANTINE)
             continue
-        schema, meta, rows = result
+        schema, meta, rows, row_groups = result
         columns = _schema_problem(expected.get(table), schema)
         footer = None if columns else _metadata_problem(scan, table, meta)
         if columns or footer:
@@ -437,7 +439,7 @@ def _read_files(scan: _Scan) -> None:
             mtime = path.stat().st_mtime
         except FileNotFoundError:
             continue
-        scan.usable[table].append(_File(path, table, schema, meta, rows, mtime))
+        scan.usable[table].append(_File(path, table, schema, meta, rows, row_groups, mtime))
     for table in ("embeddings", "residue_embeddings"):  # one model identity, one vector width
         folders: dict[Path, list[_File]] = defaultdict(list)
         for f in scan.usable[table]:
@@ -666,12 +668,12 @@ def _check_duplicates(scan: _Scan) -> None:
             continue
         select, names, what = _key_sql(table)
         con = _con()
+        source = f"read_parquet({file_list(list(by_path))}, filename = true, union_by_name = true)"
         groups = fetch_arrow(
             con,
             f"""
             SELECT files, count(*) AS n FROM (
-                SELECT list(filename ORDER BY filename) AS files
-                FROM (SELECT {select}, filename FROM read_parquet({file_list(list(by_path))}, filename = true))
+                SELECT list(filename ORDER BY filename) AS files FROM (SELECT {select}, filename FROM {source})
                 GROUP BY {", ".join(names)} HAVING count(*) > 1)
             GROUP BY files
             """,
@@ -681,8 +683,8 @@ def _check_duplicates(scan: _Scan) -> None:
             files = group["files"]
             distinct = sorted(set(files), key=lambda p: _preference(scan, table, by_path[p], recorded))
             suspect = distinct[0]
-            if len(distinct) == 1:
-                blamed[suspect][""] += group["n"]
+            for repeated in {p for p in files if files.count(p) > 1}:
+                blamed[repeated][""] += group["n"]
             for other in distinct[1:]:
                 blamed[suspect][other] += group["n"]
         for suspect, others in sorted(blamed.items()):
@@ -695,7 +697,7 @@ def _check_duplicates(scan: _Scan) -> None:
                 )
                 parts.append(f"{sum(others.values()):,} {what}s also in {named}")
                 unique = _unique_keys(con, select, names, suspect, [p for p in by_path if p != suspect])
-            if others and not within and not unique:
+            if others and not unique:  # quarantining it loses no key
                 why = "; ".join(parts) + "; every key is also elsewhere (a copy)"
                 scan.add("duplicate", Path(suspect), why, QUARANTINE)
             else:
@@ -707,10 +709,11 @@ def _unique_keys(
     con: duckdb.DuckDBPyConnection, select: str, names: list[str], path: str, others: list[str]
 ) -> int:
     """How many distinct keys of the file ``path`` are in none of ``others``."""
+    rest = f"read_parquet({file_list(others)}, union_by_name = true)"
     return con.execute(
         f"""
         SELECT count(*) FROM (SELECT DISTINCT {select} FROM read_parquet({file_list([path])})) a
-        ANTI JOIN (SELECT {select} FROM read_parquet({file_list(others)})) b USING ({", ".join(names)})
+        ANTI JOIN (SELECT {select} FROM {rest}) b USING ({", ".join(names)})
         """
     ).fetchone()[0]
 
@@ -722,9 +725,9 @@ def _recorded_outputs(scan: _Scan) -> set[str]:
     return {out.path for records in scan.shards.values() for r in records.values() for out in r.outputs}
 
 
-def _plan_ids(scan: _Scan) -> dict[str, str]:
-    """Each compute run's current plan id, from its plan's footer (a run without a readable plan: none)."""
-    return {f.path.stem: str(f.provenance.get("plan_id", "")) for f in scan.usable["plans"]}
+def _plan_ids(scan: _Scan) -> dict[str, tuple[str, int]]:
+    """Each compute run's current plan: its id and number of shards (one row group each), from its file."""
+    return {f.path.stem: (str(f.provenance.get("plan_id", "")), f.row_groups) for f in scan.usable["plans"]}
 
 
 def _check_outputs(scan: _Scan) -> None:
@@ -739,7 +742,7 @@ def _check_outputs(scan: _Scan) -> None:
     for run_id, record in sorted(scan.runs.items()):
         if record.kind == "ingest":
             continue
-        plan_id = plan_ids.get(run_id, "")
+        plan_id = plan_ids.get(run_id, ("", 0))[0]
         for shard_id, shard in sorted(scan.shards.get(run_id, {}).items()):
             if shard.status != "done" or (plan_id and shard.plan_id != plan_id):
                 continue
@@ -750,14 +753,14 @@ def _check_outputs(scan: _Scan) -> None:
                     scan, run_id, shard_id, f"shard {shard_id} lost its {out.table} output"
                 )
                 if (scan.store.root / out.path).exists():
-                    why = f"size differs from run {run_id}'s shard {shard_id} record ({out.bytes:,} bytes recorded)"
+                    why = f"size differs from run {run_id}'s shard {shard_id} record ({out.bytes:,} bytes)"
                     scan.add("missing-output", out.path, why, QUARANTINE, rerun)
                 else:
                     why = f"missing: run {run_id}'s shard {shard_id} is recorded done with this output"
                     scan.add("missing-output", out.path, why, "", rerun)
 
 
-def _unrecorded(scan: _Scan, f: _File, plan_ids: dict[str, str]) -> None:
+def _unrecorded(scan: _Scan, f: _File, plan_ids: dict[str, tuple[str, int]]) -> None:
     """A result file no shard record lists. Left by an attempt that stopped between writing a shard's outputs
     and its record, it is quarantined (rerunning the run computes the shard again); otherwise it is named
     and kept (a copy of another file is the duplicate check's to quarantine)."""
@@ -776,10 +779,12 @@ def _unrecorded(scan: _Scan, f: _File, plan_ids: dict[str, str]) -> None:
             Finding("unrecorded-output", scan.rel(f.path), f"being written by run {run_id}")
         )
         return
-    shard = scan.shards.get(run_id, {}).get(shard_id) if isinstance(shard_id, int) else None
-    plan_id = plan_ids.get(run_id, "")
-    stopped = shard is None or shard.status != "done" or bool(plan_id) and shard.plan_id != plan_id
-    if isinstance(shard_id, int) and record.kind != "ingest" and stopped:
+    plan_id, planned = plan_ids.get(run_id, ("", 0))
+    if not isinstance(shard_id, int) or not 0 <= shard_id < planned or record.kind == "ingest":
+        scan.add("unrecorded-output", f.path, f"no shard record of run {run_id} lists it")
+        return
+    shard = scan.shards.get(run_id, {}).get(shard_id)
+    if shard is None or shard.status != "done" or shard.plan_id != plan_id:
         why = f"shard {shard_id} stopped before its record was written"
         reason = (
             f"no shard record of run {run_id} lists it: {why}; rerunning the run computes the shard again"
@@ -796,7 +801,7 @@ def _check_orphans(scan: _Scan) -> None:
         return
     sequences = [str(f.path) for f in scan.usable["sequences"]]
     stored = (
-        f"SELECT seq_hash FROM read_parquet({file_list(sequences)})"
+        f"SELECT seq_hash FROM read_parquet({file_list(sequences)}, union_by_name = true)"
         if sequences
         else "SELECT NULL::VARCHAR AS seq_hash WHERE false"
     )
@@ -805,7 +810,7 @@ def _check_orphans(scan: _Scan) -> None:
         .execute(
             f"""
         SELECT regexp_extract(filename, 'run_id=([^/]+)/', 1) AS run, count(*), count(DISTINCT seq_hash)
-        FROM read_parquet({file_list(members)}, filename = true) m
+        FROM read_parquet({file_list(members)}, filename = true, union_by_name = true) m
         WHERE NOT EXISTS (SELECT 1 FROM ({stored}) s WHERE s.seq_hash = m.seq_hash)
         GROUP BY run ORDER BY run
         """

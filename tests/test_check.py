@@ -77,7 +77,8 @@ def _compute_run(store: Store, ingest_run: str, fasta: Path) -> None:
         )
         shards.write_shard_record(store, EMBED_RUN, record)
     options = {"layers": [2], "poolings": ["mean"], "per_residue": False, "contacts": False,
-               "long_strategy": "window", "precision": "fp32", "max_tokens": None, "dtype": "float32"}  # fmt: skip
+               "long_strategy": "window", "precision": "fp32", "max_tokens": None,
+               "dtype": "float32"}  # fmt: skip
     params = {"model": "models/tiny_model", "engine_options": options, "inputs": [str(fasta)],
               "ingest_run": ingest_run, "identity": {"model": MODEL.name, "sha": MODEL.sha}}  # fmt: skip
     RunRecord(EMBED_RUN, "embed", params=params, counts=ComputeCounts()).finish(store, "completed")
@@ -271,6 +272,13 @@ def test_a_duplicate_holding_rows_found_nowhere_else_is_kept(store: Path, capsys
     assert dup.path == "sequences/ingest-other.parquet" and "2 seq_hash values also in" in dup.reason
     assert "1 of its keys are in no other file, so it is kept" in dup.reason and not dup.fix
     assert (store / "sequences" / "ingest-other.parquet").exists()
+    twice = _embeddings(["e" * 32, "e" * 32], [5, 5])
+    write_table_atomic(shard_file(store, 7), twice, "embeddings", {"run_id": EMBED_RUN, "shard_id": 7})
+    found = {f.kind: f for f in check_store(store, repair=True).findings if f.path.endswith("-00007.parquet")}
+    assert found["duplicate"].reason == (
+        "1 (seq_hash, model_sha, layer:pooling) keys appear more than once within this file"
+    )
+    assert not found["duplicate"].fix and "no shard record of run" in found["unrecorded-output"].reason
 
 
 def test_deleted_output_of_a_done_shard_names_the_command_that_recomputes_it(store: Path, capsys) -> None:
