@@ -38,10 +38,10 @@ from storage.schemas import HIVE_TABLES, RESULT_TABLES, TABLE_SCHEMAS
 VECTOR_TABLES = ("embeddings", "residue_embeddings")
 CATALOG_FILE = "catalog.sql"
 PARQUET_GLOB = "[!.]*.parquet"  # never a hidden file: writers' temporaries start with '.'
-USAGE = (
-    "-- proteoflow views over this store's Parquet files (paths relative to the store). "
-    'Use: cd STORE && duckdb -c ".read catalog.sql"   or from anywhere: '
-    'duckdb -c "SET file_search_path=\'/abs/path/to/STORE\'" -c ".read /abs/path/to/STORE/catalog.sql"\n'
+USAGE = (  # both forms checked with the duckdb CLI; -c instead of -cmd runs a query and exits
+    "-- proteoflow views over this store's Parquet files, by paths relative to the store. "
+    'In the store directory: cd STORE && duckdb -cmd ".read catalog.sql"   From anywhere: '
+    'duckdb -cmd "SET file_search_path=\'/abs/path/to/STORE\'" -cmd ".read /abs/path/to/STORE/catalog.sql"\n'
 )
 SESSION_SETTINGS = (
     "SET python_enable_replacements = false",
