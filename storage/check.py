@@ -603,7 +603,8 @@ def _check_counts(scan: _Scan) -> None:
             why = f"ingest run {run_id} is {record.status}" + (
                 f" ({record.message})" if record.message else ""
             )
-            rerun = _ingest_rerun(scan, run_id, "its rows are incomplete")
+            lost = record.message.removeprefix("marked by proteoflow check: ")
+            rerun = _ingest_rerun(scan, run_id, lost if lost != record.message else "its rows are incomplete")
             scan.add("incomplete-run", path, why + "; rerunning it writes its rows", rerun=rerun)
             continue
         counts = record.counts
@@ -749,9 +750,7 @@ def _check_outputs(scan: _Scan) -> None:
             for out in shard.outputs:
                 if not missing_outputs(scan.store, [out]):
                     continue
-                rerun = _compute_rerun(
-                    scan, run_id, shard_id, f"shard {shard_id} lost its {out.table} output"
-                )
+                rerun = _compute_rerun(scan, run_id, shard_id, f"{out.table} output lost")
                 if (scan.store.root / out.path).exists():
                     why = f"size differs from run {run_id}'s shard {shard_id} record ({out.bytes:,} bytes)"
                     scan.add("missing-output", out.path, why, QUARANTINE, rerun)
@@ -789,7 +788,8 @@ def _unrecorded(scan: _Scan, f: _File, plan_ids: dict[str, tuple[str, int]]) -> 
         reason = (
             f"no shard record of run {run_id} lists it: {why}; rerunning the run computes the shard again"
         )
-        scan.add("unrecorded-output", f.path, reason, QUARANTINE, _compute_rerun(scan, run_id, shard_id, why))
+        rerun = _compute_rerun(scan, run_id, shard_id, "output of a stopped attempt quarantined")
+        scan.add("unrecorded-output", f.path, reason, QUARANTINE, rerun)
     else:
         scan.add("unrecorded-output", f.path, f"no shard record of run {run_id} lists it")
 
