@@ -76,9 +76,11 @@ def write_random_head_checkpoint(
     config.problem_type = problem_type
     torch.manual_seed(seed)
     model = _HEAD_CLASSES[(config.model_type, head)](config)
-    with torch.no_grad():  # default init leaves biases at zero; make every weight count in the tests
+    with torch.no_grad():  # default init (std 0.02, zero biases) gives near-constant outputs; spread them
         for name, parameter in model.named_parameters():
-            if name.endswith("bias") or "classifier" in name or "score" in name:
+            if name.startswith(("classifier.", "score.")) and parameter.dim() == 2:
+                parameter.normal_(0.0, parameter.shape[1] ** -0.5)
+            elif name.endswith("bias"):
                 parameter.add_(0.1 * torch.randn_like(parameter))
     return _save(model, out_dir)
 
