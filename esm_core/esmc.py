@@ -46,6 +46,7 @@ class EsmcEncoderView(nn.Module):
         self.encoder = EsmcBlocks(esmc.layers, esmc.norm)
         self.contact_head = None
         self.pooler = None
+        self.train(esmc.training)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden state (final norm applied), as ``EsmcModel(...).last_hidden_state``."""
