@@ -165,9 +165,9 @@ def run_size(work: Path, n: int, dim: int, n_queries: int, n_duck: int, kind: st
     con.close()
 
     with PeakRss() as mem:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         info = vectors.build_index(vs, kind)
-        build_s = time.perf_counter() - t
+        build_s, build_cpu = time.perf_counter() - t, time.process_time() - cpu
     t = time.perf_counter()
     index = vectors.load_index(vs)
     load_s = time.perf_counter() - t
@@ -188,6 +188,8 @@ def run_size(work: Path, n: int, dim: int, n_queries: int, n_duck: int, kind: st
         "params": ",".join(f"{k}={v}" for k, v in info.params.items()),
         "write_s": written,
         "build_s": build_s,
+        "build_cpu_s": build_cpu,
+        "phases": info.phases,
         "build_gb": mem.above_start_gb,
         "index_gb": info.count * dim * 4 / 1e9,
         "load_s": load_s,
@@ -217,14 +219,24 @@ def main() -> int:
     parser.add_argument("--work", help="scratch directory (default: a temporary one, removed)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="pf-bench-search-"))
-    print(f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 1e9:.0f} GB RAM; scratch {work}")
+    print(
+        f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 1e9:.0f} GB RAM, load average "
+        f"{os.getloadavg()[0]:.1f} (a shared machine makes wall times longer; CPU seconds are shown too); "
+        f"scratch {work}"
+    )
     results = []
     try:
         for item in args.sizes.split(","):
             n, dim = (int(x) for x in item.split(":"))
             started = time.perf_counter()
             results.append(run_size(work, n, dim, args.queries, args.duckdb_queries, args.kind))
-            print(f"  {n:,} x {dim}: done in {time.perf_counter() - started:.0f} s", flush=True)
+            r = results[-1]
+            print(
+                f"  {n:,} x {dim}: done in {time.perf_counter() - started:.0f} s; index build "
+                f"{r['build_s']:.0f} s wall, {r['build_cpu_s']:.0f} s CPU, phases (s) {r['phases']}; "
+                f"load average now {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

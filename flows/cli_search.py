@@ -59,7 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         """),
         epilog=textwrap.dedent("""\
             examples:
-              proteoflow search --store ./store --model esm2_t33_650M_UR50D --id sp|P0A7V8|RS4_ECOLI
+              proteoflow search --store ./store --model esm2_t33_650M_UR50D --id 'sp|P0A7V8|RS4_ECOLI'
               proteoflow search --store ./store --model ./esm2_t6.pt --fasta new.faa --k 5 --min-cosine 0.9
               proteoflow search --store ./store --model esm2_t6_8M_UR50D --sequence MKTAYIAKQR --format json
         """),
@@ -162,10 +162,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_index(args: argparse.Namespace) -> int:
     """Build the index and print what it holds."""
-    from storage.vectors import build_index
+    from storage.vectors import build_index, index_dir
 
     vs = _vector_set(args)
     info = build_index(vs, args.kind)
+    path = (index_dir(vs) / info.index_file).relative_to(vs.root)
     print(
         json.dumps(
             {
@@ -179,7 +180,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                 "params": info.params,
                 "recall_at_10": info.recall,
                 "seconds": info.seconds,
-                "file": f"indexes/{info.index_file}",
+                "phases": info.phases,
+                "file": str(path),
             }
         )
     )

@@ -333,6 +333,7 @@ def test_cli_index_then_search_fasta(store, base, capsys):
     assert _cli("index", *common, "--kind", "hnsw") == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "hnsw" and info["vectors"] == _set(store, base, 1, "bos").rows
+    assert (store / info["file"]).is_file() and info["recall_at_10"] >= 0.95
     assert _cli("search", *common, "--fasta", str(base["extra_fasta"]), "--k", "2", "--format", "csv") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "query,rank,seq_hash,cosine,length,ids" and len(lines) == 1 + 2 * len(base["extra"])
