@@ -98,19 +98,26 @@ def plan_shards(job: Job, ingest_run: str, identity: EngineIdentity) -> Planned:
     run_id = job.run_id or run_id_for(job, ingest_run, identity)
     record = open_run(store, job, run_id, ingest_run, identity)
     cost = COSTS[job.kind]
+    plan = plans.load_plan(store, run_id, cost)
+    distrusted: dict[int, str] = {}
+    if plan is not None:  # this run's own lost or damaged outputs: quarantined, their shards computed again
+        _, distrusted = shards.trusted_done(store, run_id, plan.plan_id)
+        for shard_id, why in distrusted.items():
+            shards.quarantine_outputs(store, run_id, shard_id, f"shard record says done but {why}")
+    wanted = wanted_rows(job.kind, job.options, identity)
+    results.refuse_damaged(store, identity.model, [r.table for r in wanted])
     with StoreLock(store, f"plan-{identity.model.sha}"):
-        done = results.done_hashes(store, identity.model, wanted_rows(job.kind, job.options, identity))
+        done = results.done_hashes(store, identity.model, wanted)
         claimed = plans.claimed_by_others(store, identity.model.sha, run_id)
         todo = plans.pending_sequences(store, [ingest_run], pa.concat_arrays([done, claimed]))
-        plan = plans.load_plan(store, run_id, cost)
         if plan is None or not plans.covers(plan, todo.column("seq_hash")):
             cut = cut_shards(todo.column("length").to_pylist(), cost, job.pool.workers or 1)
-            plan = plans.write_plan(store, run_id, todo, cut, cost)
-            shards.drop_stale(store, run_id, plan.plan_id)
+            plan = plans.write_plan(store, run_id, todo, cut, cost, shards.next_shard_id(store, run_id))
         lease = Lease(store, run_id, identity.model.sha).start()
-    done_shards, distrusted = shards.trusted_done(store, run_id, plan.plan_id)
-    for shard_id, why in distrusted.items():
-        shards.quarantine_outputs(store, run_id, shard_id, f"shard record says done but {why}")
+    done_shards, _ = shards.trusted_done(store, run_id, plan.plan_id)
+    shards.quarantine_leftovers(
+        store, run_id, [s for s in plan.shards if s not in done_shards], identity.model
+    )
     return Planned(record, plan, done_shards, distrusted, lease)
 
 

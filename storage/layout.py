@@ -74,7 +74,7 @@ class Store:
         """Move a damaged or stray file out of the tables into ``quarantine/`` with a note saying why: the
         views stop reading it, and nothing is ever deleted."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        target = self.root / "quarantine" / stamp / path.relative_to(self.root)
+        target = self.root / "quarantine" / f"{stamp}-{uuid.uuid4().hex[:6]}" / path.relative_to(self.root)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
         target.with_name(target.name + ".why").write_text(reason.rstrip() + "\n")

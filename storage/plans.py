@@ -42,6 +42,7 @@ class Plan:
     path: Path
     plan_id: str
     shards: dict[int, ShardSummary]
+    first_shard: int = 0  # shard ids are first_shard + row group index (see write_plan)
 
     @property
     def sequences(self) -> int:
@@ -58,11 +59,14 @@ class Plan:
             return pf.read(columns=["seq_hash"]).column(0).combine_chunks()
         if not shard_ids:
             return pa.array([], pa.string())
-        return pf.read_row_groups(sorted(shard_ids), columns=["seq_hash"]).column(0).combine_chunks()
+        groups = sorted(s - self.first_shard for s in shard_ids)
+        return pf.read_row_groups(groups, columns=["seq_hash"]).column(0).combine_chunks()
 
     def items(self, shard_id: int) -> list[tuple[str, str]]:
         """The ``(seq_hash, sequence)`` pairs of one shard (one row group of the plan file)."""
-        table = pq.ParquetFile(self.path).read_row_group(shard_id, columns=["seq_hash", "sequence"])
+        table = pq.ParquetFile(self.path).read_row_group(
+            shard_id - self.first_shard, columns=["seq_hash", "sequence"]
+        )
         return list(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
 
 
@@ -86,22 +90,30 @@ def pending_sequences(store: Store, ingest_runs: list[str], exclude: pa.Array) -
 
 
 def write_plan(
-    store: Store, run_id: str, todo: pa.Table, shards: list[list[int]], cost: Callable[[int], float]
+    store: Store,
+    run_id: str,
+    todo: pa.Table,
+    shards: list[list[int]],
+    cost: Callable[[int], float],
+    first_shard: int = 0,
 ) -> Plan:
-    """Write ``todo`` cut into ``shards`` (lists of row indices) as the run's plan, atomically."""
+    """Write ``todo`` cut into ``shards`` (lists of row indices) as the run's plan, atomically.
+
+    A plan that replaces a lost or stale one numbers its shards from ``first_shard``, after every shard id
+    the run has used, so its outputs and records never overwrite those of the plan before it."""
     path = store.plan_path(run_id)
     plan_id = uuid.uuid4().hex[:16]
     sink = ParquetSink(
         path,
         PLAN_SCHEMA,
         "plan",
-        {"run_id": run_id, "plan_id": plan_id},
+        {"run_id": run_id, "plan_id": plan_id, "first_shard": first_shard},
         row_group_rows=MAX_SHARD_SEQUENCES + 1,
     )
     try:
         for shard_id, indices in enumerate(shards):
             rows = todo.take(pa.array(indices, pa.int64()))
-            ids = pa.array([shard_id] * len(indices), pa.int32())
+            ids = pa.array([first_shard + shard_id] * len(indices), pa.int32())
             sink.write(rows.add_column(0, "shard_id", ids).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA))
             sink.flush()  # one row group per shard: a shard is read back with read_row_group(shard_id)
         sink.close()
@@ -115,19 +127,19 @@ def write_plan(
 
 
 def load_plan(store: Store, run_id: str, cost: Callable[[int], float]) -> Plan | None:
-    """The run's plan with each shard's size and cost, or None when the run has no (readable) plan."""
+    """The run's plan with each shard's size and cost, or None when the run has no plan."""
     path = store.plan_path(run_id)
     if not path.exists():
         return None
     pf = pq.ParquetFile(path)
     provenance = json.loads((pf.schema_arrow.metadata or {}).get(b"proteoflow.provenance", b"{}"))
+    first = int(provenance.get("first_shard", 0))
     shards: dict[int, ShardSummary] = {}
     for rg in range(pf.metadata.num_row_groups):
         lengths = pf.read_row_group(rg, columns=["length"]).column(0)
-        shards[rg] = ShardSummary(
-            len(lengths), pc.sum(lengths).as_py() or 0, sum(cost(n) for n in lengths.to_pylist())
-        )
-    return Plan(path, provenance.get("plan_id", ""), shards)
+        total = pc.sum(lengths).as_py() or 0
+        shards[first + rg] = ShardSummary(len(lengths), total, sum(cost(n) for n in lengths.to_pylist()))
+    return Plan(path, provenance.get("plan_id", ""), shards, first)
 
 
 def covers(plan: Plan, hashes: pa.Array) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import Store, safe_name, write_table_atomic
@@ -55,6 +56,24 @@ def model_dir(store: Store, table: str, model: ModelIdentity) -> Path:
 def shard_path(store: Store, table: str, model: ModelIdentity, run_id: str, shard_id: int) -> Path:
     """Where one shard's rows of ``table`` land."""
     return model_dir(store, table, model) / f"{run_id}-{shard_id:05d}.parquet"
+
+
+class DamagedStoreError(Exception):
+    """A table a run would read or append to has a damaged file; the message says which and what to run."""
+
+
+def refuse_damaged(store: Store, model: ModelIdentity, tables: list[str]) -> None:
+    """Refuse to plan or append over result files that cannot be read (cheap: each file's footer)."""
+    for table in tables:
+        for path in _result_files(store, table, model):
+            try:
+                pq.read_metadata(path)
+            except (OSError, pa.ArrowException) as exc:
+                reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+                raise DamagedStoreError(
+                    f"{path.relative_to(store.root)} is damaged ({reason}); run `proteoflow check --store "
+                    f"{store.root} --repair` to quarantine it, then rerun"
+                ) from None
 
 
 def _result_files(store: Store, table: str, model: ModelIdentity) -> list[Path]:

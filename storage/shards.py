@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.layout import Store, write_table_atomic
-from storage.results import OutputFile, missing_outputs
+from storage.results import ModelIdentity, OutputFile, missing_outputs, shard_path
 from storage.runs import utcnow
-from storage.schemas import MEMBER_SCHEMA, REJECTED_SCHEMA, SHARD_SCHEMA
+from storage.schemas import MEMBER_SCHEMA, REJECTED_SCHEMA, RESULT_TABLES, SHARD_SCHEMA
 
 COMPUTE_ERROR_RULE = "compute_error"
 
@@ -85,17 +85,27 @@ def quarantine_outputs(store: Store, run_id: str, shard_id: int, reason: str) ->
             store.quarantine(path, reason)
 
 
-def drop_stale(store: Store, run_id: str, plan_id: str) -> None:
-    """A rebuilt plan numbers its shards anew: records and compute rejections of an earlier plan go to
-    quarantine (their results stay: they count through the store, not through these records)."""
-    for shard_id, record in load_shard_records(store, run_id).items():
-        if record.plan_id != plan_id:
-            store.quarantine(
-                store.shard_record_path(run_id, shard_id), f"shard record of a replaced plan {record.plan_id}"
-            )
-            rejections = store.shard_rejections_path(run_id, shard_id)
-            if rejections.exists():
-                store.quarantine(rejections, f"compute rejections of a replaced plan {record.plan_id}")
+def next_shard_id(store: Store, run_id: str) -> int:
+    """One past every shard id this run has used, in records or in output file names."""
+    used = set(load_shard_records(store, run_id))
+    for table in RESULT_TABLES:
+        for path in store.table_dir(table).glob(f"*/{run_id}-*.parquet"):
+            tail = path.stem[len(run_id) + 1 :]
+            if tail.isdigit():
+                used.add(int(tail))
+    return max(used, default=-1) + 1
+
+
+def quarantine_leftovers(store: Store, run_id: str, shard_ids: list[int], model: ModelIdentity) -> None:
+    """Outputs of shards about to be computed that a crash left without a done record: moved to quarantine,
+    so the recomputed rows are not mistaken for rows the store already holds."""
+    for shard_id in shard_ids:
+        for table in RESULT_TABLES:
+            path = shard_path(store, table, model, run_id, shard_id)
+            if path.exists():
+                store.quarantine(
+                    path, f"output of shard {shard_id} of run {run_id} without a done record; recomputed"
+                )
 
 
 def _members(store: Store, ingest_run: str) -> pa.Table:
