@@ -42,6 +42,8 @@ class Store:
         "residue_embeddings",
         "contacts",
         "structures",
+        "neighbors",
+        "clusters",
     )
 
     def __init__(self, root: str | os.PathLike[str]) -> None:

@@ -25,37 +25,8 @@ import pyarrow.parquet as pq
 
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import write_table_atomic
+from storage.schemas import CLUSTERS_SCHEMA, NEIGHBORS_SCHEMA
 from storage.vectors import Hits, Searcher, VectorSet, iter_blocks, stored_hashes
-
-NEIGHBORS_SCHEMA = pa.schema(
-    [
-        ("seq_hash", pa.string()),
-        ("neighbor_hash", pa.string()),
-        ("rank", pa.int32()),
-        ("cosine", pa.float32()),
-        ("model", pa.string()),
-        ("model_sha", pa.string()),
-        ("layer", pa.int16()),
-        ("pooling", pa.string()),
-        ("k", pa.int32()),
-        ("min_cosine", pa.float32()),  # null: no threshold
-        ("run_id", pa.string()),
-    ]
-)
-
-CLUSTERS_SCHEMA = pa.schema(
-    [
-        ("seq_hash", pa.string()),
-        ("cluster_id", pa.string()),  # the smallest seq_hash of the component: stable across reruns
-        ("size", pa.int32()),
-        ("model", pa.string()),
-        ("model_sha", pa.string()),
-        ("layer", pa.int16()),
-        ("pooling", pa.string()),
-        ("k", pa.int32()),
-        ("threshold", pa.float32()),
-    ]
-)
 
 NEIGHBOR_CHUNK = 16_384  # sequences per part file; without an index, one exact pass over the set per part
 

@@ -192,6 +192,40 @@ ROW_KEYS: dict[str, RowKey] = {
 }
 RESULT_TABLES = tuple(ROW_KEYS)
 
+# Derived from embeddings by `proteoflow neighbors` (see storage/neighbors.py).
+NEIGHBORS_SCHEMA = pa.schema(
+    [
+        ("seq_hash", pa.string()),
+        ("neighbor_hash", pa.string()),
+        ("rank", pa.int32()),
+        ("cosine", pa.float32()),
+        ("model", pa.string()),
+        ("model_sha", pa.string()),
+        ("layer", pa.int16()),
+        ("pooling", pa.string()),
+        ("k", pa.int32()),
+        ("min_cosine", pa.float32()),  # null: no threshold
+        ("run_id", pa.string()),
+    ]
+)
+
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        ("seq_hash", pa.string()),
+        ("cluster_id", pa.string()),  # the smallest seq_hash of the component: stable across reruns
+        ("size", pa.int32()),
+        ("model", pa.string()),
+        ("model_sha", pa.string()),
+        ("layer", pa.int16()),
+        ("pooling", pa.string()),
+        ("k", pa.int32()),
+        ("threshold", pa.float32()),
+    ]
+)
+
+# Tables filed per model identity: <table>/<model>-<sha>/*.parquet
+MODEL_DIR_TABLES = RESULT_TABLES + ("neighbors", "clusters")
+
 # Tables partitioned as <table>/run_id=<run>/...: the run id is the directory, not a column of the files.
 HIVE_TABLES = ("members", "rejected", "shards")
 
@@ -206,4 +240,6 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "residue_embeddings": residue_embeddings_schema(1),
     "contacts": CONTACTS_SCHEMA,
     "structures": STRUCTURES_SCHEMA,
+    "neighbors": NEIGHBORS_SCHEMA,
+    "clusters": CLUSTERS_SCHEMA,
 }
