@@ -97,6 +97,7 @@ class Store:
         if not manifest.exists():
             write_bytes_atomic(manifest, json.dumps({"format_version": FORMAT_VERSION}, indent=2).encode())
         self.sweep_staging()
+        self.sweep_temporaries()
         return self
 
     def exists(self) -> bool:
@@ -108,6 +109,16 @@ class Store:
         if not base.exists():
             return []
         return sorted(p for p in base.rglob("*.parquet") if not p.name.startswith("."))
+
+    def sweep_temporaries(self, max_age_s: float = 24 * 3600) -> int:
+        """Remove hidden temporary files left by writers that died (host-aware, like :meth:`sweep_staging`)
+        from every directory of the store but ``quarantine/``; returns how many."""
+        removed = 0
+        for path in self.root.rglob(".*.tmp"):
+            if "quarantine" not in path.relative_to(self.root).parts[:1] and dead_temporary(path, max_age_s):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def sweep_staging(self, max_age_s: float = 24 * 3600) -> None:
         """Remove staging directories of writers that died: dead pids on this host, or older than ``max_age_s``."""
@@ -146,8 +157,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host_tag() -> str:
+    """This host's name as it appears in temporary file names (no '.' or '-', which the names use)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
 def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    """``.<name>.<host>-<pid>-<random>.tmp`` beside ``path``: hidden from readers, and its writer is known,
+    so a sweep can tell a dead writer's debris from a live writer's file."""
+    return path.with_name(f".{path.name}.{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def dead_temporary(path: Path, max_age_s: float = 24 * 3600) -> bool:
+    """A temporary file whose writer is a dead process of this host, or that is older than ``max_age_s``."""
+    match = _TEMP.match(path.name)
+    if match and match["host"] == _host_tag():
+        pid = int(match["pid"])
+        if pid != os.getpid() and not _pid_alive(pid):
+            return True
+    try:
+        return time.time() - path.stat().st_mtime > max_age_s
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_dir(path: Path) -> None:

@@ -290,3 +290,27 @@ def test_crlf_and_cr_only_line_ends_read_as_the_records_they_are(tmp_path: Path,
     query = "SELECT record_index, seq_id, description, seq_hash, length FROM members ORDER BY 1"
     assert sql(tmp_path / "b", query) == sql(tmp_path / "a", query)
     assert not any("\r" in d for (_, _, d, _, _) in sql(tmp_path / "b", query))
+
+
+def test_dead_writers_temporary_files_are_swept_host_aware(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from storage.layout import _host_tag
+
+    fasta = write_slice(ECOLI, tmp_path / "e.fasta", count=20)
+    store = tmp_path / "store"
+    ingest(Store(store), [str(fasta)])
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)  # a process that has exited
+    debris = store / "embeddings" / "m-abc" / f".x-00001.parquet.{_host_tag()}-{dead_pid}-0123abcd.tmp"
+    live = store / "sequences" / f".y.parquet.{_host_tag()}-{os.getpid()}-4567cdef.tmp"
+    other_host = store / "members" / f".z.parquet.elsewhere-{dead_pid}-89abcdef.tmp"
+    for path in (debris, live, other_host):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    ingest(Store(store), [str(write_slice(ECOLI, tmp_path / "f.fasta", start=20, count=5))])
+    assert not debris.exists()  # its writer is dead on this host
+    assert live.exists() and other_host.exists()  # a live writer's, and one another host may still be writing
