@@ -33,7 +33,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from storage.layout import FORMAT_VERSION, Store, write_bytes_atomic
-from storage.schemas import HIVE_TABLES, RESULT_TABLES, TABLE_SCHEMAS
+from storage.schemas import HIVE_TABLES, MODEL_DIR_TABLES, TABLE_SCHEMAS
 
 VECTOR_TABLES = ("embeddings", "residue_embeddings")
 CATALOG_FILE = "catalog.sql"
@@ -152,7 +152,7 @@ def table_pattern(table: str) -> str:
     """Where a table's files lie under its directory, as a glob (Python's and DuckDB's alike)."""
     if table in HIVE_TABLES:
         return f"run_id=*/{PARQUET_GLOB}"
-    if table in RESULT_TABLES:
+    if table in MODEL_DIR_TABLES:
         return f"[!.]*/{PARQUET_GLOB}"  # one directory per model identity
     return PARQUET_GLOB
 
