@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
-
-from flows.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 EMBED_MODEL = "facebook/esm2_t6_8M_UR50D"
 FOLD_MODEL = "facebook/esmfold_v1"
 BANNER = "=" * 100
+
+
+def cli(args: list[str]) -> int:
+    """Run one `proteoflow` command as its own process, as a user's shell would; returns its exit status."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT).returncode
 
 
 def say(text: str) -> None:
@@ -41,8 +45,11 @@ def hub_available(repo: str) -> bool:
 
 
 def random_stand_in(kind: str, store: Path) -> str:
-    """Write (once) a random-weight checkpoint of the demo model's architecture inside the store."""
-    target = store / ".models" / ("esm2_t6_8M_UR50D-random" if kind == "embed" else "esmfold-tiny-random")
+    """Write (once) a random-weight checkpoint of the demo model's architecture under .demo/ (outside the
+    store: a store holds only its own tables)."""
+    target = (
+        ROOT / ".demo" / "models" / ("esm2_t6_8M_UR50D-random" if kind == "embed" else "esmfold-tiny-random")
+    )
     if not (target / "config.json").exists():
         if kind == "embed":
             from esm_core.random_weights import write_random_hf_checkpoint
