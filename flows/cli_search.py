@@ -191,21 +191,18 @@ def cmd_index(args: argparse.Namespace) -> int:
 @_user_errors
 def cmd_neighbors(args: argparse.Namespace) -> int:
     """Compute missing neighbour rows (and clusters) and print a summary."""
-    from flows.output import ProgressLine
+    from flows.progress import ProgressBar
     from storage.neighbors import compute_neighbors, write_clusters
 
     vs = _vector_set(args)
-    bar = ProgressLine("neighbors", stream=sys.stderr)
-    try:
-        run = compute_neighbors(
-            vs,
-            args.k,
-            args.min_cosine,
-            exact=args.exact,
-            progress=lambda done, total: bar.update(f"{done:,}/{total:,} sequences", force=done == total),
-        )
-    finally:
-        bar.close()
+    bar = ProgressBar("neighbors", unit="sequences")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done)
+
+    run = compute_neighbors(vs, args.k, args.min_cosine, exact=args.exact, progress=progress)
+    bar.finish()
     if args.clusters is not None:
         run.clusters = write_clusters(vs, args.k, args.clusters, args.min_cosine)
     summary = {

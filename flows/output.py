@@ -7,7 +7,6 @@ import json
 import math
 import re
 import sys
-import time
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -83,37 +82,6 @@ def write_result(
     for row in cells:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
     out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
-
-
-class ProgressLine:
-    """A single self-rewriting status line on a terminal; periodic plain lines when stderr is a file."""
-
-    def __init__(self, label: str, stream: TextIO = sys.stderr, every_s: float = 10.0) -> None:
-        self.label = label
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.every_s = every_s
-        self.started = time.monotonic()
-        self._last = 0.0
-
-    def update(self, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.tty:
-            self.stream.write(f"\r\x1b[K{self.label}: {text}")
-            self.stream.flush()
-        elif force or now - self._last >= self.every_s:
-            self.stream.write(f"{self.label}: {text}\n")
-            self.stream.flush()
-            self._last = now
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
 
 
 def human_bytes(n: float) -> str:
