@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import textwrap
 from dataclasses import asdict
 
-from flows import cli_check, cli_compute, cli_sql
+from flows import cli_check, cli_compute, cli_family, cli_runs, cli_search, cli_serve, cli_sql, cli_submit
 from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
-from flows.errors import CliError
+from flows.errors import CliError, interrupted_by_signal, report_interrupt
 
 EPILOG = textwrap.dedent("""\
     typical session:
@@ -61,9 +63,16 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_ingest)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the whole usage block first), pointing at --help."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser; subcommand modules add their own parsers here."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="proteoflow",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
@@ -73,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_ingest(sub)
     cli_compute.add_parsers(sub)
+    cli_family.add_parsers(sub)
     cli_sql.add_parser(sub)
     cli_check.add_parser(sub)
+    cli_search.add_parsers(sub)
+    cli_serve.add_parser(sub)
+    cli_runs.add_parsers(sub)
+    cli_submit.add_parser(sub)
     return parser
 
 
@@ -156,7 +170,8 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse, dispatch, and turn expected failures into one-line errors (exit 2)."""
+    """Entry point: parse, dispatch, and turn expected failures into one line on stderr: exit 2 for a usage or
+    input error, 1 for a file system that refuses the store's writes, 128 + signal for Ctrl-C or SIGTERM."""
     parser = build_parser()
     args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "handler", None):
@@ -168,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from storage.fasta import InputError
 
     try:
+        _check_store_arg(args)
         return args.handler(args)
     except (CliError, InputError, ReadOnlyError, FileNotFoundError) as exc:
         sys.stderr.write(f"proteoflow {args.command}: error: {exc}\n")
@@ -175,11 +191,47 @@ def main(argv: list[str] | None = None) -> int:
     except duckdb.Error as exc:
         sys.stderr.write(f"proteoflow {args.command}: SQL error: {str(exc).strip()}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write(f"proteoflow {args.command}: interrupted\n")
-        return 130
+    except KeyboardInterrupt as exc:
+        hint = "; rerun the same command to resume" if args.command in ("embed", "fold") else ""
+        code = report_interrupt(args.command, getattr(exc, "signum", None), hint)
+        if interrupted_by_signal():
+            # A compute run has recorded itself and stopped what it started; the interpreter's own teardown
+            # (Ray's exit hook waits seconds for processes a SIGTERM to the process group already ended)
+            # would only delay the exit.
+            sys.stdout.flush()
+            os._exit(code)
+        return code
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # read-only store, full disk, permissions: what the file system said, where
+        sys.stderr.write(
+            f"proteoflow {args.command}: error: {_os_error(exc, getattr(args, 'store', None))}\n"
+        )
+        return 1
+
+
+def _check_store_arg(args: argparse.Namespace) -> None:
+    """``--store`` must be a directory (or not exist yet): a file there fails in a dozen places otherwise."""
+    store = getattr(args, "store", None)
+    if store and os.path.exists(store) and not os.path.isdir(store):
+        raise CliError(f"--store {store} is a file, not a store directory")
+
+
+def _os_error(exc: OSError, store: str | None) -> str:
+    """``[Errno 28] No space left on device: 'PATH'`` becomes ``no space left on device: PATH``; Arrow's
+    errors carry the errno only in their text, and no path: the store's is given then."""
+    code = exc.errno
+    if code is None and (found := re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)):
+        code = int(found.group(1))
+    what = (os.strerror(code) if code else exc.strerror or _one_line(exc)).rstrip(".")
+    what = what[:1].lower() + what[1:]
+    where = exc.filename or store
+    return f"{what}: {where}" if where else what
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

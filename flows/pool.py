@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from flows.actors import ShardWorker
 from flows.engines import EngineIdentity, EngineOptions, ShardOutput
@@ -47,6 +47,10 @@ class Dispatched:
 
 
 PROGRESS_POLL_S = 1.0
+PLACEMENT_POLL_S = 1.0
+# Actors that stay unplaced this long while the cluster lacks free resources for them end the start-up; the
+# cluster has room for them in total (flows.resources.check_fits), so other jobs hold what they need.
+PLACEMENT_TIMEOUT_S = float(os.environ.get("PROTEOFLOW_PLACEMENT_TIMEOUT_S", "60"))
 
 
 class ActorPool:
@@ -70,15 +74,36 @@ class ActorPool:
         self._args = (kind, model, engine_options, threads)
         self.actors = [self._cls.remote(*self._args) for _ in range(options.workers or 1)]
 
-    def identity(self, timeout: float = 1800) -> EngineIdentity:
-        """Wait for every actor's model to load; all must report the same weights."""
+    def identity(
+        self, timeout: float = 1800, placement_timeout: float = PLACEMENT_TIMEOUT_S
+    ) -> EngineIdentity:
+        """Wait for every actor's model to load; all must report the same weights.
+
+        The wait is bounded twice: ``timeout`` for the whole load, and ``placement_timeout`` for actors that
+        Ray has not placed on any node (no worker process) while the cluster has too little free for them;
+        each ends in a one-line WorkerStartError that says what is missing, not in a silent wait."""
+        refs = [a.identity.remote() for a in self.actors]
+        deadline = time.monotonic() + timeout
+        starved_since: float | None = None
         try:
-            identities = ray.get([a.identity.remote() for a in self.actors], timeout=timeout)
-        except GetTimeoutError:
-            raise WorkerStartError(
-                f"workers did not load the model within {timeout:.0f} s: are the requested "
-                "CPUs/GPUs available in the Ray cluster?"
-            ) from None
+            while True:
+                ready, pending = ray.wait(refs, num_returns=len(refs), timeout=PLACEMENT_POLL_S)
+                if ready:
+                    ray.get(ready)  # a worker that failed to load the model says so now, not after the others
+                if not pending:
+                    break
+                now = time.monotonic()
+                if now > deadline:
+                    raise WorkerStartError(
+                        f"workers did not load the model within {timeout:.0f} s: are the requested "
+                        "CPUs/GPUs available in the Ray cluster?"
+                    )
+                unplaced = self._unplaced()
+                starved = unplaced and not self._room_for_one()
+                starved_since = (starved_since or now) if starved else None
+                if starved_since is not None and now - starved_since >= placement_timeout:
+                    raise WorkerStartError(self._starved_message(len(unplaced), placement_timeout))
+            identities = ray.get(refs)
         except RayTaskError as exc:
             raise WorkerStartError(f"a worker failed to load the model: {_first_line(exc.cause)}") from None
         except RayActorError as exc:
@@ -88,6 +113,38 @@ class ActorPool:
         if len(shas) != 1:
             raise WorkerStartError(f"workers loaded different weights: {sorted(shas)}")
         return identities[0]
+
+    def _unplaced(self) -> list:
+        """Actors Ray has not given a worker process yet (pending, no pid); [] where the GCS cannot say."""
+        try:
+            from ray._private import state
+
+            found = []
+            for actor in self.actors:
+                info = state.actors(actor_id=actor._actor_id.hex())
+                if info.get("State") in ("PENDING_CREATION", "DEPENDENCIES_UNREADY") and not info.get("Pid"):
+                    found.append(actor)
+            return found
+        except Exception:  # noqa: BLE001 - Ray client connections and future Ray versions: no placement check
+            return []
+
+    def _room_for_one(self) -> bool:
+        """Whether the cluster has free resources for one more actor right now (then it is only slow)."""
+        free = ray.available_resources()
+        return free.get("CPU", 0.0) >= (self.options.cpus_per_worker or 0) and free.get("GPU", 0.0) >= (
+            self.options.gpus_per_worker or 0
+        )
+
+    def _starved_message(self, unplaced: int, waited: float) -> str:
+        free, total = ray.available_resources(), ray.cluster_resources()
+        need = f"{self.options.cpus_per_worker or 0:g} CPUs" + (
+            f" + {self.options.gpus_per_worker:g} GPUs" if self.options.gpus_per_worker else ""
+        )
+        return (
+            f"{unplaced} of {len(self.actors)} workers could not be placed for {waited:.0f} s: each needs {need}, "
+            f"and the Ray cluster has {free.get('CPU', 0.0):g} of {total.get('CPU', 0.0):g} CPUs and "
+            f"{free.get('GPU', 0.0):g} of {total.get('GPU', 0.0):g} GPUs free (other jobs hold the rest)"
+        )
 
     def placements(self) -> list[dict]:
         return ray.get([a.where.remote() for a in self.actors])

@@ -1,13 +1,20 @@
-"""Prefect's temporary API server as this command's own child process.
+"""Prefect's temporary API server as this command's own child process, and a reachability check for a
+server the user configured.
 
 Prefect starts the same server itself when no ``PREFECT_API_URL`` is set, but only when a flow begins, after
-importing the server's modules into the driver (seconds on a small machine), and a ``kill -9`` of the driver
-leaves it running forever. Started here instead, it boots while Ray starts and the model loads, the driver
-never imports the server, and the kernel ends it with its parent (``PR_SET_PDEATHSIG``), whatever kills it.
+importing the server's modules into the driver (seconds on a small machine), in the terminal's process group
+(Ctrl-C kills it first, and the driver then spends minutes retrying to report the interruption to it), and a
+``kill -9`` of the driver leaves it running forever. Started here instead, it boots while Ray starts and the
+model loads, the driver never imports the server, a Ctrl-C meant for the run does not reach it (own process
+group), and the kernel ends it with its parent (``PR_SET_PDEATHSIG``), whatever kills the driver.
+
+Prefect reads its settings once, when it is imported: the flow must run inside :meth:`TemporaryApi.settings`
+for the URL to take effect (setting the environment variable afterwards changes nothing in this process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -17,6 +24,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+from flows.errors import CliError
 
 PR_SET_PDEATHSIG = 1
 SERVER_ENV = {
@@ -29,16 +38,20 @@ SERVER_ENV = {
 }
 
 
-class ApiStartError(Exception):
-    """The temporary API did not answer in time; the message is one line."""
+class ApiStartError(CliError):
+    """The temporary API did not answer in time, or the configured one not at all; the message is one line."""
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: ask the kernel for SIGTERM when the parent dies (Linux; elsewhere a no-op)."""
+    """In the child, before exec: ask the kernel for SIGTERM when the parent dies (Linux; elsewhere a no-op).
+
+    The parent may have died between fork and this call; the kernel would then never send the signal."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() == 1:
+        os._exit(1)
 
 
 def _free_port() -> int:
@@ -54,6 +67,30 @@ def api_configured() -> bool:
     from prefect.settings import PREFECT_API_URL
 
     return bool(PREFECT_API_URL.value())
+
+
+def configured_url() -> str:
+    """The API URL Prefect will use in this process (environment or active profile), or ''."""
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL") or "")
+
+
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """A one-line ApiStartError unless something answers HTTP at ``url`` within ``timeout`` seconds.
+
+    Any HTTP answer counts (a server that wants credentials still exists); only a refused or silent
+    connection fails, before Ray starts and a model loads, instead of Prefect's minutes of retries."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ApiStartError(
+            f"PREFECT_API_URL {url} does not answer ({reason}); unset it to use a temporary local API"
+        ) from None
 
 
 class TemporaryApi:
@@ -75,8 +112,18 @@ class TemporaryApi:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            start_new_session=True,  # a terminal's Ctrl-C is for the driver, which then stops this server
         )
-        os.environ["PREFECT_API_URL"] = self.url  # this process's flows use it; set before Prefect reads it
+        os.environ["PREFECT_API_URL"] = self.url  # for child processes; this one needs settings()
+
+    @contextlib.contextmanager
+    def settings(self):
+        """Prefect settings pointing this process at the server: its URL, and no log shipping to it (the run's
+        log file in the store has every line, and no one watches this server's UI)."""
+        from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: self.url, PREFECT_LOGGING_TO_API_ENABLED: False}):
+            yield
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until the API answers its health check (a one-line ApiStartError otherwise)."""
