@@ -636,9 +636,9 @@ def _key_sql(table: str) -> tuple[str, list[str], str]:
     if table == "sequences":
         return "seq_hash", ["seq_hash"], "seq_hash value"
     key = ROW_KEYS[table]
-    named = ":".join(key.columns) if key.columns else "row"
+    named = ":".join(key.unique_columns) if key.unique_columns else "row"
     return (
-        f"seq_hash, model_sha, ({key.sql()}) AS row_key",
+        f"seq_hash, model_sha, ({key.unique_sql()}) AS row_key",
         ["seq_hash", "model_sha", "row_key"],
         f"(seq_hash, model_sha, {named}) key",
     )

@@ -42,6 +42,10 @@ class Store:
         "residue_embeddings",
         "contacts",
         "structures",
+        "variant_scores",
+        "predictions",
+        "residue_predictions",
+        "mutant_scores",
         "neighbors",
         "clusters",
     )

@@ -154,18 +154,75 @@ STRUCTURES_SCHEMA = pa.schema(
     + PROVENANCE
 )
 
+# Saturation mutagenesis: one row per (residue, target amino acid, method). position numbers the residue from
+# the run's --offset (1: the first residue is 1); score = log p(mt) - log p(wt) at that residue.
+VARIANT_SCORES_SCHEMA = pa.schema(
+    IDENTITY
+    + [
+        ("position", pa.int32()),
+        ("wt", pa.string()),
+        ("mt", pa.string()),
+        ("score", pa.float32()),
+        ("method", pa.string()),
+    ]
+    + PROVENANCE
+)
+
+# A sequence-classification head: one row per (sequence, label); probability is the head's softmax (sigmoid
+# for multi-label heads) or, for a regression head, the regressed value.
+PREDICTIONS_SCHEMA = pa.schema(
+    IDENTITY + [("label", pa.string()), ("probability", pa.float32())] + PROVENANCE
+)
+
+# A token-classification head: one row per residue (1-based position): its most probable label and that
+# label's probability.
+RESIDUE_PREDICTIONS_SCHEMA = pa.schema(
+    IDENTITY + [("position", pa.int32()), ("label", pa.string()), ("probability", pa.float32())] + PROVENANCE
+)
+
+# Mutants of a `score-variants --variants CSV` run, scored from the stored saturation tables (the sum over
+# their sites). An ensemble's row holds the members' mean as score and each member's own sum.
+MUTANT_SCORES_SCHEMA = pa.schema(
+    [
+        ("seq_hash", pa.string()),
+        ("seq_id", pa.string()),
+        ("mutant", pa.string()),
+        ("score", pa.float32()),
+        ("model", pa.string()),
+        ("model_sha", pa.string()),
+        ("method", pa.string()),
+        ("run_id", pa.string()),
+        ("member_scores", pa.list_(pa.float32())),
+        ("members", pa.list_(pa.string())),
+    ]
+)
+
 
 @dataclass(frozen=True)
 class RowKey:
-    """What names one result row of a sequence beyond its ``seq_hash``: one definition, three spellings.
+    """What names one result of a sequence beyond its ``seq_hash``: one definition, three spellings.
 
     ``columns`` are joined with ':' (``layer:pooling`` -> ``"6:mean"``); a table with one row per sequence
     has no columns and a constant key. ``sql`` is for DuckDB inside storage, ``arrow`` for a shard's rows
-    before they are written, ``of`` for the keys a job requires.
+    before they are written, ``of`` for the keys a job requires: a sequence is done when it has every key.
+
+    A result of several rows (a saturation table: one row per residue and amino acid) names them apart by
+    ``within``; :meth:`unique_sql` spells the key plus those columns, which no two rows of one sequence and
+    weights share. The rows of one key are always written together, in one file.
     """
 
     columns: tuple[str, ...] = ()
     constant: str = ""
+    within: tuple[str, ...] = ()
+
+    @property
+    def unique_columns(self) -> tuple[str, ...]:
+        """The columns that name exactly one row of a sequence and weights."""
+        return self.columns + self.within
+
+    def unique_sql(self) -> str:
+        """:meth:`sql` of the key plus ``within``: one value per row (for the one-row-per-key check)."""
+        return RowKey(self.unique_columns, self.constant).sql()
 
     def sql(self) -> str:
         if not self.columns:
@@ -189,6 +246,9 @@ ROW_KEYS: dict[str, RowKey] = {
     "residue_embeddings": RowKey(("layer",)),
     "contacts": RowKey(constant="contacts"),
     "structures": RowKey(constant="structure"),
+    "variant_scores": RowKey(("method",), within=("position", "mt")),
+    "predictions": RowKey(constant="prediction", within=("label",)),
+    "residue_predictions": RowKey(constant="residues", within=("position",)),
 }
 RESULT_TABLES = tuple(ROW_KEYS)
 
@@ -224,7 +284,7 @@ CLUSTERS_SCHEMA = pa.schema(
 )
 
 # Tables filed per model identity: <table>/<model>-<sha>/*.parquet
-MODEL_DIR_TABLES = RESULT_TABLES + ("neighbors", "clusters")
+MODEL_DIR_TABLES = RESULT_TABLES + ("neighbors", "clusters", "mutant_scores")
 
 # Tables partitioned as <table>/run_id=<run>/...: the run id is the directory, not a column of the files.
 HIVE_TABLES = ("members", "rejected", "shards")
@@ -240,6 +300,10 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     "residue_embeddings": residue_embeddings_schema(1),
     "contacts": CONTACTS_SCHEMA,
     "structures": STRUCTURES_SCHEMA,
+    "variant_scores": VARIANT_SCORES_SCHEMA,
+    "predictions": PREDICTIONS_SCHEMA,
+    "residue_predictions": RESIDUE_PREDICTIONS_SCHEMA,
+    "mutant_scores": MUTANT_SCORES_SCHEMA,
     "neighbors": NEIGHBORS_SCHEMA,
     "clusters": CLUSTERS_SCHEMA,
 }
