@@ -11,7 +11,7 @@ import sys
 import textwrap
 from dataclasses import asdict
 
-from flows import cli_check, cli_compute, cli_runs, cli_search, cli_serve, cli_sql, cli_submit
+from flows import cli_check, cli_compute, cli_family, cli_runs, cli_search, cli_serve, cli_sql, cli_submit
 from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
 from flows.errors import CliError, interrupted_by_signal, report_interrupt
 
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_ingest(sub)
     cli_compute.add_parsers(sub)
+    cli_family.add_parsers(sub)
     cli_sql.add_parser(sub)
     cli_check.add_parser(sub)
     cli_search.add_parsers(sub)

@@ -98,13 +98,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register embed, fold, models and export-structures."""
     e = sub.add_parser(
         "embed",
-        help="ESM-2 embeddings for every new sequence of the inputs",
+        help="ESM-2 (or ESM C) embeddings for every new sequence of the inputs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Ingest the inputs, then compute ESM-2 embeddings for the sequences this model lacks.\n\n"
-        + COMMON_EPILOG,
+        description="Ingest the inputs, then compute ESM-2 (ESM-1b, ESM-1v or ESM C) embeddings for the "
+        "sequences this model lacks.\n\n" + COMMON_EPILOG,
         epilog=textwrap.dedent("""\
             examples:
               proteoflow embed proteome.fasta.gz --store ./store --model esm2_t33_650M_UR50D
+              proteoflow embed proteome.fasta.gz --store ./store --model esmc_300m
               proteoflow embed mags/ --store ./store --model ./esm2_t6_8M_UR50D.pt --layers 6,-1 --pooling mean,bos
               proteoflow sql --store ./store "SELECT seq_hash, array_cosine_similarity(embedding, ...) ..."
         """),
@@ -192,12 +193,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     m = sub.add_parser(
         "models",
-        help="list the ESM models known by name",
+        help="list the ESM models known by name (ESM-2, ESM-1b, ESM-1v, ESM C)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
-            The ESM-2, ESM-1b and ESM-1v checkpoints proteoflow knows by short name: hub id, parameters,
-            layers and embedding width. Any of these names (or its hub id) works as --model; so does a local
-            Hugging Face directory or a fair-esm .pt file. Weights come from the local Hugging Face cache (or
+            The ESM-2, ESM-1b, ESM-1v and ESM C checkpoints proteoflow knows by short name: hub id,
+            parameters, layers and embedding width. Any of these names (or its hub id) works as --model; so
+            does a local Hugging Face directory or a fair-esm .pt file (`score-variants --model esm1v` runs
+            the five ESM-1v checkpoints). Weights come from the local Hugging Face cache (or
             the hub when reachable); a checkpoint's weights checksum is recorded with every result.
         """),
         epilog="examples:\n  proteoflow models\n  proteoflow models --format csv > models.csv",
@@ -260,16 +262,21 @@ def check_options(args: argparse.Namespace) -> None:
             )
         if not args.layers:
             raise CliError("--layers needs at least one layer (e.g. -1 for the last)")
-    elif args.num_recycles is not None and args.num_recycles < 0:
+    elif args.kind == "fold" and args.num_recycles is not None and args.num_recycles < 0:
         raise CliError(f"--num-recycles must be 0 or more, got {args.num_recycles}")
 
 
-def build_job(args: argparse.Namespace):
-    """Translate parsed arguments into the flow's plain-data Job."""
-    from flows.engines import EmbedOptions, FoldOptions
+def build_job(args: argparse.Namespace, model: str | None = None):
+    """Translate parsed arguments into the flow's plain-data Job (for ``model`` instead of ``--model``: one
+    member of an ensemble). ``score-variants`` and ``predict`` read the checkpoint's head here, so a
+    checkpoint that cannot serve them is refused before anything starts."""
+    from flows.engines import EmbedOptions, FoldOptions, PredictOptions, VariantOptions
+    from flows.family import head_kind, require_masked_lm
     from flows.job import Job, PoolOptions
 
     check_options(args)
+    model = model or args.model
+    options: EmbedOptions | FoldOptions | VariantOptions | PredictOptions
     if args.kind == "embed":
         options = EmbedOptions(
             layers=tuple(args.layers),
@@ -281,12 +288,24 @@ def build_job(args: argparse.Namespace):
             max_tokens=args.max_tokens,
             dtype=args.dtype,
         )
-    else:
+    elif args.kind == "fold":
         options = FoldOptions(
             num_recycles=args.num_recycles,
             chunk_size=_chunk_size(args.chunk_size),
             max_tokens=args.max_tokens,
             pae=args.pae,
+        )
+    elif args.kind == "score-variants":
+        require_masked_lm(model)
+        options = VariantOptions(
+            method=args.method, offset=args.offset, precision=args.precision, max_tokens=args.max_tokens
+        )
+    else:
+        options = PredictOptions(
+            head=head_kind(model),
+            long_strategy=args.long_strategy,
+            precision=args.precision,
+            max_tokens=args.max_tokens,
         )
     pool = PoolOptions(
         workers=args.workers,
@@ -298,7 +317,7 @@ def build_job(args: argparse.Namespace):
         kind=args.kind,
         store=require_store(args),
         inputs=args.inputs,
-        model=args.model,
+        model=model,
         engine_options=options,
         pool=pool,
         min_length=args.min_length,
@@ -373,7 +392,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from esm_core.registry import model_table
     from flows.output import write_result
 
-    rows = model_table()
+    rows = model_table(include_esmc=True)
     columns = list(rows[0])
     write_result(columns, [tuple(r[c] for c in columns) for r in rows], args.format)
     return 0

@@ -6,6 +6,7 @@ and no Prefect, so actors that load it never touch Prefect's API.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -96,8 +97,41 @@ class FoldOptions:
     pae: bool = False
 
 
-EngineOptions = EmbedOptions | FoldOptions
-OPTIONS = {"embed": EmbedOptions, "fold": FoldOptions}
+@dataclass(frozen=True)
+class VariantOptions:
+    """How ``score-variants`` scores every substitution of a sequence (see ``proteoflow score-variants
+    --help``). ``offset`` numbers the stored positions: the first residue is ``offset``."""
+
+    method: str = "masked-marginals"
+    offset: int = 1
+    precision: str = "auto"
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How ``predict`` runs a classification head. ``head`` ("sequence" or "token") is read from the
+    checkpoint's config before the run starts; it decides the table a run writes."""
+
+    head: str = "sequence"
+    long_strategy: str = "window"
+    precision: str = "auto"
+    max_tokens: int | None = None
+
+
+PREDICTION_TABLES = {
+    "sequence": "predictions",
+    "token": "residue_predictions",
+}  # predict's table by head kind
+
+
+EngineOptions = EmbedOptions | FoldOptions | VariantOptions | PredictOptions
+OPTIONS = {
+    "embed": EmbedOptions,
+    "fold": FoldOptions,
+    "score-variants": VariantOptions,
+    "predict": PredictOptions,
+}
 
 
 def options_from_dict(kind: str, data: dict) -> EngineOptions:
@@ -152,6 +186,11 @@ def wanted_rows(kind: str, options: EngineOptions, identity: EngineIdentity) -> 
     """The result rows a job needs for every sequence: a sequence lacking any of them is computed."""
     if kind == "fold":
         return [ResultRows("structures", (ROW_KEYS["structures"].of(),))]
+    if isinstance(options, VariantOptions):
+        return [ResultRows("variant_scores", (ROW_KEYS["variant_scores"].of(options.method),))]
+    if isinstance(options, PredictOptions):
+        table = PREDICTION_TABLES[options.head]
+        return [ResultRows(table, (ROW_KEYS[table].of(),))]
     assert isinstance(options, EmbedOptions)
     rows = [ResultRows("embeddings", tuple(ROW_KEYS["embeddings"].of(layer, pooling)
                                            for layer in identity.layers for pooling in identity.poolings))]  # fmt: skip
@@ -297,14 +336,115 @@ class FoldEngine:
             yield result
 
 
-ENGINES = {"embed": EmbedEngine, "fold": FoldEngine}
+class VariantEngine:
+    """Saturation mutagenesis from a masked language model: every residue x 20 amino acids, one method."""
+
+    kind = "score-variants"
+
+    def __init__(self, model: str, options: VariantOptions, device: str | None = None) -> None:
+        from esm_core.checkpoints import load_esm_mlm
+        from esm_core.variants import VariantScorer
+
+        self.loaded = load_esm_mlm(model, device=device)
+        self.options = options
+        self.scorer = VariantScorer(self.loaded, method=options.method, precision=options.precision,
+                                    max_tokens=options.max_tokens)  # fmt: skip
+        self.progress = 0
+
+    def identity(self) -> EngineIdentity:
+        model = ModelIdentity(self.loaded.name, self.loaded.sha, self.loaded.random_weights)
+        return EngineIdentity(model, self.loaded.dim, self.loaded.num_layers)
+
+    def run(self, items: Items, run_id: str) -> ShardOutput:
+        started = time.perf_counter()
+        self.progress = 0
+        found, errors = isolate_or_raise(self._score, items)
+        columns: dict[str, list] = {name: [] for name in schemas.VARIANT_SCORES_SCHEMA.names}
+        ident = {"model": self.loaded.name, "model_sha": self.loaded.sha, "run_id": run_id,
+                 "random_weights": self.loaded.random_weights, "method": self.options.method}  # fmt: skip
+        for r in found:
+            for position, wt, mt, score in r.rows(self.options.offset):
+                _append(columns, seq_hash=r.key, position=position, wt=wt, mt=mt, score=score, **ident)
+        table = _table(columns, schemas.VARIANT_SCORES_SCHEMA)
+        return ShardOutput({"variant_scores": table}, errors, sum(len(r.fallbacks) for r in found),
+                           sum(len(r.sequence) for r in found), time.perf_counter() - started)  # fmt: skip
+
+    def _score(self, items: Items) -> Iterator:
+        _poisoned(items)
+        for result in self.scorer.score(items):
+            self.progress += len(result.sequence)
+            yield result
 
 
-def build_engine(
-    kind: str, model: str, options: EngineOptions, device: str | None = None
-) -> EmbedEngine | FoldEngine:
-    """The engine for ``kind`` ("embed" or "fold"), with its model loaded."""
-    return ENGINES[kind](model, options, device)
+def head_identity(sha: str, head_sha: str) -> str:
+    """The weights checksum a classification run records: encoder and head together, so two heads trained on
+    one frozen encoder (and saved under one name) never share results."""
+    digest = hashlib.sha1(f"{sha}:{head_sha}".encode(), usedforsecurity=False).hexdigest()
+    return digest[: len(sha)]
+
+
+class PredictEngine:
+    """A sequence- or token-classification head: class probabilities per sequence, or a label per residue."""
+
+    kind = "predict"
+
+    def __init__(self, model: str, options: PredictOptions, device: str | None = None) -> None:
+        from esm_core.heads import Classifier, load_esm_head
+
+        self.loaded = load_esm_head(model, device=device)
+        if self.loaded.kind != options.head:
+            raise ValueError(
+                f"model {model!r} holds a {self.loaded.kind} head, the run expects {options.head}"
+            )
+        self.options = options
+        self.classifier = Classifier(self.loaded, long_strategy=options.long_strategy,
+                                     precision=options.precision, max_tokens=options.max_tokens)  # fmt: skip
+        self.progress = 0
+
+    def identity(self) -> EngineIdentity:
+        sha = head_identity(self.loaded.sha, self.loaded.head_sha)
+        model = ModelIdentity(self.loaded.name, sha, self.loaded.random_weights)
+        return EngineIdentity(model, self.loaded.dim, self.loaded.num_layers)
+
+    def run(self, items: Items, run_id: str) -> ShardOutput:
+        started = time.perf_counter()
+        self.progress = 0
+        found, errors = isolate_or_raise(self._predict, items)
+        table = PREDICTION_TABLES[self.options.head]
+        schema = schemas.TABLE_SCHEMAS[table]
+        columns: dict[str, list] = {name: [] for name in schema.names}
+        ident = {"model": self.loaded.name, "model_sha": self.identity().model.sha, "run_id": run_id,
+                 "random_weights": self.loaded.random_weights}  # fmt: skip
+        for r in found:
+            if self.options.head == "sequence":
+                for label, value in zip(r.labels, r.probabilities.tolist(), strict=True):
+                    _append(columns, seq_hash=r.key, label=label, probability=value, **ident)
+                continue
+            best = r.probabilities.max(axis=1).tolist()
+            for index, (label, value) in enumerate(zip(r.residue_labels, best, strict=True)):
+                _append(columns, seq_hash=r.key, position=index + 1, label=label, probability=value, **ident)
+        return ShardOutput({table: _table(columns, schema)}, errors, sum(len(r.fallbacks) for r in found),
+                           sum(r.length for r in found), time.perf_counter() - started)  # fmt: skip
+
+    def _predict(self, items: Items) -> Iterator:
+        _poisoned(items)
+        for result in self.classifier.predict(items):
+            self.progress += result.length
+            yield result
+
+
+Engine = EmbedEngine | FoldEngine | VariantEngine | PredictEngine
+ENGINES: dict[str, type[Engine]] = {
+    "embed": EmbedEngine,
+    "fold": FoldEngine,
+    "score-variants": VariantEngine,
+    "predict": PredictEngine,
+}
+
+
+def build_engine(kind: str, model: str, options: EngineOptions, device: str | None = None) -> Engine:
+    """The engine for ``kind`` (a key of :data:`ENGINES`), with its model loaded."""
+    return ENGINES[kind](model, options, device)  # type: ignore[arg-type]
 
 
 def _append(columns: dict[str, list], **row) -> None:

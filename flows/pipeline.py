@@ -275,7 +275,25 @@ def fold_flow(job: Job) -> RunRecord:
     return _pipeline(job)
 
 
-FLOWS = {"embed": embed_flow, "fold": fold_flow}
+@flow(name="proteoflow-score-variants", log_prints=True)
+def score_variants_flow(job: Job) -> RunRecord:
+    """Saturation variant-effect tables for every sequence of the inputs this model has not scored by the
+    job's method yet."""
+    return _pipeline(job)
+
+
+@flow(name="proteoflow-predict", log_prints=True)
+def predict_flow(job: Job) -> RunRecord:
+    """Classification-head predictions for every sequence of the inputs this head has not predicted yet."""
+    return _pipeline(job)
+
+
+FLOWS = {
+    "embed": embed_flow,
+    "fold": fold_flow,
+    "score-variants": score_variants_flow,
+    "predict": predict_flow,
+}
 
 
 # ---------------------------------------------------------------------------------------------- runs

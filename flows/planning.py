@@ -27,6 +27,12 @@ def folding_cost(length: int) -> float:
     return length + length**3 / 65536
 
 
+def variant_cost(length: int) -> float:
+    """Relative cost of a saturation table by masked marginals: one forward pass per residue, each an
+    embedding of the whole sequence (wt-marginals needs one pass; its shards are then cut finer than needed)."""
+    return length * embedding_cost(length)
+
+
 def cut_shards(lengths: list[int], cost: Callable[[int], float], workers: int) -> list[list[int]]:
     """Indices of ``lengths`` grouped into shards, longest first, of roughly equal cost."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -47,4 +53,9 @@ def cut_shards(lengths: list[int], cost: Callable[[int], float], workers: int) -
     return shards
 
 
-COSTS: dict[str, Callable[[int], float]] = {"embed": embedding_cost, "fold": folding_cost}
+COSTS: dict[str, Callable[[int], float]] = {
+    "embed": embedding_cost,
+    "fold": folding_cost,
+    "score-variants": variant_cost,
+    "predict": embedding_cost,
+}
