@@ -54,8 +54,8 @@ class Interrupts:
     Ray and Prefect's API are stopped, and the CLI writes one line and exits 128 + signal.
 
     Ray's ``init`` and Prefect's flow engine each install their own SIGTERM handler (``sys.exit``, and an
-    exception the pipeline does not treat as an interruption): :meth:`install` is called again after
-    ``ray.init``, and :meth:`prefect_leaves_sigterm` keeps Prefect's off for the flow.
+    exception the pipeline does not treat as an interruption): :meth:`keep_sigterm` keeps both off while Ray
+    and the flow run.
 
     Cleanup is bounded: ``grace`` seconds after the first signal, or at once on a second one, the process
     writes the line and exits without further cleanup; the kernel and the reaper (flows.cluster) then end
@@ -103,21 +103,34 @@ class Interrupts:
         os._exit(report_interrupt(self.command, self.received, self.hint))
 
     @contextlib.contextmanager
-    def prefect_leaves_sigterm(self) -> Iterator[None]:
-        """Run a flow with these handlers in place: Prefect's flow engine would replace the SIGTERM handler with
-        one raising its ``TerminationSignal``, which skips the pipeline's ``interrupted`` bookkeeping (Prefect
-        uses it for cancellations sent by its workers, which a CLI run has none of)."""
-        import prefect.flow_engine as engine
+    def keep_sigterm(self) -> Iterator[None]:
+        """Start Ray and run a flow with these handlers in place. ``ray.init`` replaces the SIGTERM handler
+        with ``sys.exit`` (a SIGTERM during Ray's start-up would end the command with status 15 or 1), and
+        Prefect's flow engine with one raising its ``TerminationSignal``, which skips the pipeline's
+        ``interrupted`` bookkeeping (Prefect uses it for cancellations sent by its runners, which a command
+        line run has none of): both hooks are switched off meanwhile (``prefect.flow_engine.capture_sigterm``
+        and ``ray._private.utils.set_sigterm_handler``; absent ones are left alone).
 
-        original = getattr(engine, "capture_sigterm", None) if self.active else None
-        if original is not None:
-            engine.capture_sigterm = contextlib.nullcontext
+        Ray's C++ core also installs a crash handler for SIGTERM while ``ray.init`` connects the driver (it
+        prints a stack dump, then passes the signal on): :meth:`install` again once Ray is up. A SIGTERM in
+        that second of ``ray.init`` still ends the command with 143, after a few lines of Ray's."""
+        import prefect.flow_engine as engine
+        import ray._private.utils as ray_utils
+
+        patches = [(engine, "capture_sigterm", contextlib.nullcontext),
+                   (ray_utils, "set_sigterm_handler", lambda handler: None)]  # fmt: skip
+        originals = [
+            (m, name, getattr(m, name)) for m, name, _ in patches if self.active and hasattr(m, name)
+        ]
+        for module, name, replacement in patches:
+            if any(m is module and n == name for m, n, _ in originals):
+                setattr(module, name, replacement)
         self.install()
         try:
             yield
         finally:
-            if original is not None:
-                engine.capture_sigterm = original
+            for module, name, original in originals:
+                setattr(module, name, original)
 
 
 def preflight(kind: str, model: str, options: object) -> CheckpointInfo:
@@ -258,8 +271,11 @@ def _run_flow(
     record = None
     opened = time.time()
     try:
-        with ray_session(job.ray_address, ship_code=job.ship_code, quiet=not verbose) as cluster:
-            interrupts.install()  # ray.init replaced the SIGTERM handler
+        with (
+            interrupts.keep_sigterm(),
+            ray_session(job.ray_address, ship_code=job.ship_code, quiet=not verbose) as cluster,
+        ):
+            interrupts.install()  # over the crash handler Ray's C++ core installs for SIGTERM (stack dump)
             job.pool = resolve_pool(job.pool, cluster)
             check_fits(job.pool, cluster)
             from flows.pipeline import FLOWS, RunFailed, prestart_workers
@@ -268,7 +284,7 @@ def _run_flow(
             if api is not None:
                 api.wait_ready()
             try:
-                with interrupts.prefect_leaves_sigterm(), api.settings() if api else contextlib.nullcontext():
+                with api.settings() if api else contextlib.nullcontext():
                     record = FLOWS[job.kind](job)
             except RunFailed as exc:
                 record = exc.record

@@ -39,10 +39,11 @@ def cli(
     return result, time.monotonic() - started
 
 
-def embed(fasta: Path, store: Path, model: Path, *extra: str, env: dict | None = None):
+def embed(fasta: Path, store: Path, model: Path, *extra: str, env: dict | None = None, timeout: float = 120):
     return cli(
-        "embed", str(fasta), "--store", str(store), "--model", str(model), "--no-progress", *extra, env=env
-    )
+        "embed", str(fasta), "--store", str(store), "--model", str(model), "--no-progress", *extra,
+        env=env, timeout=timeout,
+    )  # fmt: skip
 
 
 def assert_one_line(
@@ -203,3 +204,20 @@ def test_workers_that_other_jobs_keep_from_being_placed_end_the_start_up(ray_clu
     assert "\n" not in message and message.startswith("1 of 1 workers could not be placed for 2 s"), message
     assert f"the Ray cluster has 0 of {cpus} CPUs" in message and "other jobs hold the rest" in message
     assert elapsed < 15, elapsed
+
+
+@pytest.mark.slow
+def test_disk_filling_up_mid_compute_is_one_line_and_recorded(tiny_esm2, fasta, tmp_path, mounts):
+    """The inputs fit, the per-residue vectors do not (a tmpfs of 1 MiB; they need 2.7): the run is recorded
+    failed with the file system's error, and the command says so in one line (a rerun with room resumes)."""
+    from storage.catalog import query
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk))
+    mounts.append(disk)
+    result, elapsed = embed(fasta, disk / "store", tiny_esm2, "--per-residue", timeout=600)
+    assert_one_line(result, elapsed, 300, "proteoflow embed: error: no space left on device")
+    assert result.returncode == 1
+    [(status, message)] = query(disk / "store", "SELECT status, message FROM runs WHERE kind = 'embed'")[1]
+    assert status == "failed" and "Errno 28" in message, (status, message)

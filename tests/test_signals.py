@@ -177,3 +177,27 @@ def test_kill_9_of_the_driver_alone_leaves_no_process_behind(tiny_esm2, fasta, t
     kill_all(children)
     assert not left, left
     assert run_status(store)[0] == "running"  # nothing could record the end; a rerun resumes it
+
+
+def test_sigterm_while_the_model_loads_ends_the_command_the_same_way(tiny_esm2, fasta, tmp_path):
+    """Before any run record exists: ``ray.init`` installs its own SIGTERM handler (exit status 15 or 1, Ray's
+    processes left to their slow graceful shutdown) unless the command keeps its own."""
+    store = tmp_path / "store"
+    proc = start(command(fasta, store, tiny_esm2))
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not any("ShardWorker" in p.name() for p in descendants(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, "no worker started"
+        time.sleep(0.05)
+    children = descendants(proc.pid)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - sent
+    print(f"SIGTERM while the model loads: exit {proc.returncode} after {elapsed:.1f} s")
+    left = survivors(children, within=5)
+    kill_all(children)
+    assert proc.returncode == 143, err[-3000:]
+    assert elapsed < 10, elapsed
+    assert_one_line(err, "proteoflow embed: interrupted (SIGTERM); rerun the same command to resume")
+    assert not left, left
+    assert not list(store.glob("runs/embed-*.parquet"))  # interrupted before the run was opened
