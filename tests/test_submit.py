@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,32 +103,44 @@ def start_node(tmp: Path, ip: str, num_cpus: int, head: Node | None = None) -> N
     return node
 
 
+class Cluster:
+    """The head node (2 CPUs: room for a replacement actor once a worker node is lost; the Jobs API) and worker
+    nodes of 1 CPU on WORKER_IP. Head and first worker start in a background thread, while the local reference
+    run computes; a worker stays up for the next test unless a test killed it."""
+
+    def __init__(self, tmp_path_factory) -> None:
+        self.tmp, self.head, self.workers = tmp_path_factory, None, []
+        self._pool = ThreadPoolExecutor(1)
+        self._starting = self._pool.submit(self._start)
+
+    def _start(self) -> None:
+        self.head = start_node(self.tmp.mktemp("h"), HEAD_IP, num_cpus=2)
+        self.worker()
+
+    def ready(self) -> Node:
+        """The head, once it and a worker are up."""
+        self._starting.result()
+        assert self.head is not None
+        return self.head
+
+    def worker(self) -> Node:
+        """A live worker node, started if the last one was killed."""
+        if not (self.workers and self.workers[-1].alive()):
+            self.workers.append(start_node(self.tmp.mktemp("w"), WORKER_IP, num_cpus=1, head=self.head))
+        return self.workers[-1]
+
+    def kill(self) -> None:
+        self._pool.shutdown(wait=True)  # a node still starting would be left behind
+        for node in [*self.workers, self.head]:
+            if node is not None:
+                node.kill()
+
+
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """The head node: 2 CPUs (room for a replacement actor once a worker node is lost), the Jobs API."""
-    node = start_node(tmp_path_factory.mktemp("h"), HEAD_IP, num_cpus=2)
-    yield node
-    node.kill()
-
-
-class Workers:
-    """Worker nodes (1 CPU each) on WORKER_IP; one stays up for the next test unless a test killed it."""
-
-    def __init__(self, head: Node, tmp_path_factory) -> None:
-        self.head, self.tmp, self.nodes = head, tmp_path_factory, []
-
-    def live(self) -> Node:
-        if not (self.nodes and self.nodes[-1].alive()):
-            self.nodes.append(start_node(self.tmp.mktemp("w"), WORKER_IP, num_cpus=1, head=self.head))
-        return self.nodes[-1]
-
-
-@pytest.fixture(scope="module")
-def workers(head, tmp_path_factory):
-    found = Workers(head, tmp_path_factory)
+def cluster(tmp_path_factory):
+    found = Cluster(tmp_path_factory)
     yield found
-    for node in found.nodes:
-        node.kill()
+    found.kill()
 
 
 @pytest.fixture(scope="module")
@@ -248,11 +261,25 @@ def test_the_jobs_command_line_is_parsed_back_to_the_same_options(tiny_esm2):
     assert build_parser().parse_args(job[3:]).layers == [-1, 2]
 
 
+def test_the_job_carries_the_code_or_a_pinned_install_and_prefects_address():
+    from flows import submit as sub
+
+    variables = sub.env_vars(["HF_HOME=/shared/hf", "A=b=c"], {"PREFECT_API_URL": "http://prefect:4200/api"})
+    assert variables == {"PREFECT_API_URL": "http://prefect:4200/api", "HF_HOME": "/shared/hf", "A": "b=c"}
+    shipped = sub.runtime_env(None, False, variables)
+    assert [Path(m).name for m in shipped["py_modules"]] == ["esm_core", "storage", "flows"]
+    assert all((Path(m) / "__init__.py").exists() for m in shipped["py_modules"])
+    assert sub.runtime_env(["proteoflow==0.1.0"], False, {}) == {"pip": ["proteoflow==0.1.0"]}
+    assert sub.runtime_env(None, True, {}) == {}
+    assert sub.env_vars([], {}) == {}
+
+
 # ---------------------------------------------------------------------------------------------- on a cluster
 
 
-def test_submitted_embed_equals_a_local_run(head, workers, proteome, tiny_esm2, local_rows, tmp_path):
-    workers.live()
+def test_submitted_embed_equals_a_local_run(cluster, proteome, tiny_esm2, local_rows, tmp_path):
+    head = cluster.ready()
+    cluster.worker()
     store = tmp_path / "store"
     started = time.monotonic()
     result = submit("embed", str(proteome), "--store", str(store), "--model", str(tiny_esm2), *OPTIONS,
@@ -275,9 +302,10 @@ def test_submitted_embed_equals_a_local_run(head, workers, proteome, tiny_esm2, 
 
 
 def test_a_worker_node_killed_mid_run_leaves_the_job_completing_on_the_head(
-    head, workers, proteome, tiny_esm2, local_rows, tmp_path
+    cluster, proteome, tiny_esm2, local_rows, tmp_path
 ):
-    worker = workers.live()
+    head = cluster.ready()
+    worker = cluster.worker()
     store = tmp_path / "store"
     result = submit("embed", str(proteome), "--store", str(store), "--model", str(tiny_esm2), *OPTIONS,
                     "--address", head.dashboard, "--env", "PROTEOFLOW_SHARD_DELAY_S=1")  # fmt: skip
@@ -302,3 +330,16 @@ def test_a_worker_node_killed_mid_run_leaves_the_job_completing_on_the_head(
     assert counts["replaced_workers"] >= 1 and counts["retries"] >= 1, counts  # its shard was retried
     assert embedding_rows(store) == local_rows  # exactly the local run's rows, nothing lost or doubled
     print(f"job ended {time.monotonic() - killed_at:.1f} s after the node was killed")
+
+
+def test_wait_exits_with_the_jobs_own_status_when_the_job_fails_on_the_cluster(cluster, proteome, tmp_path):
+    """A hub model missing from the cluster's (empty, offline) cache: only the job can find out; --wait shows
+    the job's one-line error and exits with its driver's status."""
+    head = cluster.ready()
+    result = submit("embed", str(proteome), "--store", str(tmp_path / "store"), "--model", "esm2_t6_8M_UR50D",
+                    "--address", head.dashboard, "--env", f"HF_HOME={tmp_path / 'hf'}", "--env", "HF_HUB_OFFLINE=1",
+                    "--wait")  # fmt: skip
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 2, out[-3000:] + err[-2000:]
+    assert "proteoflow embed: error: model 'facebook/esm2_t6_8M_UR50D' not found" in out  # the job's own line
+    assert f"job {job_id_of(result)} ended FAILED" in err
