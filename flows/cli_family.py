@@ -5,6 +5,7 @@ of the same flow as ``embed``: same planner, actor pool, resume and fault handli
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -58,9 +59,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             position outside the sequence, unknown id) becomes a rejected row of that run, rule
             invalid_mutant, with the reason. CSV header: seq_id (or id) and mutant (e.g. A25G or A25G:C30T).
 
-            --model esm1v (or a comma list of checkpoints) runs the five ESM-1v checkpoints one after another,
-            each a run of its own; with --variants, mutant_scores holds their mean (score) and each member's
-            score (member_scores, in the order of members).
+            --model esm1v runs the five ESM-1v checkpoints (a comma list, the checkpoints it names) one after
+            another, each a run of its own; with --variants, mutant_scores holds their mean (score) and each
+            member's score (member_scores, in the order of members). The saturation means are a GROUP BY over
+            variant_scores (see the README).
 
         """)
         + COMMON_EPILOG,
@@ -166,8 +168,11 @@ def cmd_score_variants(args: argparse.Namespace) -> int:
             sys.stderr.write(
                 f"score-variants: checkpoint {jobs.index(job) + 1} of {len(jobs)}: {job.model}\n"
             )
-        launched = launch(job, log, report, verbose=args.verbose)
-        return launched.record
+        configured = os.environ.get("PREFECT_API_URL")
+        try:
+            return launch(job, log, report, verbose=args.verbose).record
+        finally:
+            _forget_temporary_api(configured)
 
     def report(launched) -> None:
         print_run_summary(launched.record, nothing_to_do=launched.nothing_to_do)
@@ -189,6 +194,19 @@ def cmd_score_variants(args: argparse.Namespace) -> int:
         return 1
     print_mutant_summary(done)
     return 0
+
+
+def _forget_temporary_api(configured: str | None) -> None:
+    """Leave this process as it was before a launch, so that the next launch starts its own temporary
+    Prefect API: the launch left that API's URL (stopped now) in the environment, and Prefect's events worker,
+    one per process, keeps the client it made for it."""
+    if configured is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = configured
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all(timeout=5)
 
 
 def print_mutant_summary(done, out=sys.stdout) -> None:
