@@ -367,9 +367,11 @@ def cmd_compute(args: argparse.Namespace) -> int:
 
     log = runlog.configure(args.verbose)
     job = build_job(args)
+    from ray.exceptions import RayError
+
     from flows.job import RunFailed
     from flows.launch import launch
-    from flows.pool import WorkerStartError
+    from flows.pool import WorkerStartError, first_line
 
     def report(launched) -> None:
         print_run_summary(launched.record, nothing_to_do=launched.nothing_to_do)
@@ -379,6 +381,9 @@ def cmd_compute(args: argparse.Namespace) -> int:
         launch(job, log, report, verbose=args.verbose)
     except WorkerStartError as exc:
         raise CliError(str(exc)) from None
+    except RayError as exc:
+        # the cluster failed under the run (a lost node, a dead GCS): Ray's reason, in one line
+        raise CliError(f"Ray: {first_line(exc)}") from None
     except RunFailed as exc:
         if exc.record is not None:
             print_run_summary(exc.record)

@@ -105,10 +105,10 @@ class ActorPool:
                     raise WorkerStartError(self._starved_message(len(unplaced), placement_timeout))
             identities = ray.get(refs)
         except RayTaskError as exc:
-            raise WorkerStartError(f"a worker failed to load the model: {_first_line(exc.cause)}") from None
+            raise WorkerStartError(f"a worker failed to load the model: {first_line(exc.cause)}") from None
         except RayActorError as exc:
             cause = getattr(exc, "cause", None) or exc
-            raise WorkerStartError(f"a worker failed to load the model: {_first_line(cause)}") from None
+            raise WorkerStartError(f"a worker failed to load the model: {first_line(cause)}") from None
         shas = {i.model.sha for i in identities}
         if len(shas) != 1:
             raise WorkerStartError(f"workers loaded different weights: {sorted(shas)}")
@@ -229,7 +229,7 @@ class ActorPool:
                 pass
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """The original exception's line from a Ray error whose text ends with the remote traceback."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     for line in reversed(lines):

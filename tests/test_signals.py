@@ -179,6 +179,7 @@ def test_kill_9_of_the_driver_alone_leaves_no_process_behind(tiny_esm2, fasta, t
     assert run_status(store)[0] == "running"  # nothing could record the end; a rerun resumes it
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_model_loads_ends_the_command_the_same_way(tiny_esm2, fasta, tmp_path):
     """Before any run record exists: ``ray.init`` installs its own SIGTERM handler (exit status 15 or 1, Ray's
     processes left to their slow graceful shutdown) unless the command keeps its own."""
