@@ -74,7 +74,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--min-cosine", type=_cosine, metavar="X", help="only neighbours with cosine >= X")
     s.add_argument("--exact", action="store_true", help="exact scan of every vector, even with an index")
-    s.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    s.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="output format (default table)"
+    )
     s.set_defaults(handler=cmd_search)
 
     x = sub.add_parser(
@@ -91,7 +93,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         epilog="example:\n  proteoflow index --store ./store --model esm2_t33_650M_UR50D --layer 33 --pooling mean",
     )
     _vector_args(x)
-    x.add_argument("--kind", choices=("auto", "flat", "hnsw", "ivf"), default="auto")
+    x.add_argument(
+        "--kind",
+        choices=("auto", "flat", "hnsw", "ivf"),
+        default="auto",
+        help="auto (default): exact flat index below 50,000 vectors, IVF above; hnsw on request",
+    )
     x.set_defaults(handler=cmd_index)
 
     n = sub.add_parser(

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.catalog import fetch_arrow, file_list
+from storage.catalog import fetch_arrow, file_list, write_catalog
 from storage.layout import write_table_atomic
 from storage.schemas import CLUSTERS_SCHEMA, NEIGHBORS_SCHEMA
 from storage.vectors import Hits, Searcher, VectorSet, iter_blocks, stored_hashes
@@ -181,6 +181,7 @@ def compute_neighbors(
         if progress is not None:
             progress(run.computed, len(todo))
     run.seconds = round(time.time() - started, 3)
+    write_catalog(vs.root)  # the first neighbors file of a model directory: catalog.sql answers for it at once
     return run
 
 
@@ -329,6 +330,7 @@ def write_clusters(vs: VectorSet, k: int, threshold: float, min_cosine: float | 
     )
     path = clusters_path(vs, k, threshold)
     write_table_atomic(path, table, "clusters", {"k": k, "threshold": threshold, "min_cosine": min_cosine})
+    write_catalog(vs.root)
     clusters = int(np.count_nonzero(sizes))
     return {
         "clusters": clusters,
