@@ -13,8 +13,6 @@ from pathlib import Path
 from flows.cli_args import require_store, store_arg
 from flows.errors import CliError
 
-STATUSES = ("running", "completed", "partial", "failed", "interrupted")
-
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register ``runs`` and ``report``."""
@@ -38,7 +36,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("run_id", nargs="?", metavar="RUN_ID", help="show this run in full")
     store_arg(r)
     r.add_argument("--kind", choices=("ingest", "embed", "fold"), help="only runs of this kind")
-    r.add_argument("--status", choices=STATUSES, help="only runs with this status")
+    r.add_argument(
+        "--status",
+        metavar="STATUS",
+        help="only runs with this status: completed, partial, failed, interrupted, running",
+    )
     r.add_argument(
         "--format", choices=("table", "csv", "json"), default="table", help="output format (default table)"
     )
@@ -79,8 +81,10 @@ def _open_store(args: argparse.Namespace):
 def cmd_runs(args: argparse.Namespace) -> int:
     from flows.output import write_result
     from flows.run_summary import ROW_COLUMNS, facts, row, table_row
-    from storage.runs import list_runs, load_run
+    from storage.runs import STATUSES, list_runs, load_run
 
+    if args.status is not None and args.status not in STATUSES:
+        raise CliError(f"--status takes one of {', '.join(STATUSES)}, not {args.status!r}")
     store = _open_store(args)
     if args.run_id:
         record = load_run(store, args.run_id)
@@ -89,8 +93,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
                 f"no run {args.run_id} in {store.root} (see `proteoflow runs --store {store.root}`)"
             )
         if args.format == "json":
-            payload = {**asdict(record), "counts": asdict(record.counts)}
-            print(json.dumps(payload, indent=1, default=str))
+            print(json.dumps(asdict(record), indent=1, default=str))
             return 0
         if args.format == "csv":
             write_result(("field", "value"), facts(record, store), "csv")

@@ -14,12 +14,23 @@ import pytest
 from conftest import ECOLI, MAG, run_cli, write_slice
 
 from esm_core.random_esmfold import write_random_esmfold_checkpoint
+from flows.cli import main
+from storage.layout import Store
+from storage.runs import list_runs
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "col", "area", "base", "source", "wbr"}
 
 
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The ``proteoflow`` entry point in this process (the same code a shell runs, without its start-up)."""
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.fixture(scope="module")
-def folded(tmp_path_factory) -> tuple[Path, str]:
+def folded(tmp_path_factory, ray_cluster) -> tuple[Path, str]:
     """A store holding an ingest run, a fold run, and a later ingest run; and the fold run's id."""
     tmp = tmp_path_factory.mktemp("folded")
     model = write_random_esmfold_checkpoint(tmp / "tiny_esmfold", tiny=True)
@@ -30,47 +41,47 @@ def folded(tmp_path_factory) -> tuple[Path, str]:
     store = tmp / "store"
     result = run_cli("fold", str(inputs), "--store", str(store), "--model", str(model), "--max-length", "150",
                      "--num-recycles", "1", "--workers", "1", "--cpus-per-worker", "1", "--gpus-per-worker", "0",
-                     "--no-progress")  # fmt: skip
+                     "--ray-address", ray_cluster.address, "--no-progress")  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     later = write_slice(MAG, tmp / "later.faa", start=2, count=3, step=29, max_length=200)
     assert run_cli("ingest", str(later), "--store", str(store)).returncode == 0
-    runs = json.loads(run_cli("runs", "--store", str(store), "--kind", "fold", "--format", "json").stdout)
-    return store, runs[0]["run_id"]
+    [fold] = list_runs(Store(store), "fold")
+    return store, fold.run_id
 
 
-def test_runs_lists_newest_first_in_every_format(folded) -> None:
+def test_runs_lists_newest_first_in_every_format(folded, capsys) -> None:
     store, fold_run = folded
-    rows = json.loads(run_cli("runs", "--store", str(store), "--format", "json").stdout)
+    rows = json.loads(cli(capsys, "runs", "--store", str(store), "--format", "json")[1])
     assert [r["kind"] for r in rows] == ["ingest", "fold", "ingest"]
     assert [r["started"] for r in rows] == sorted((r["started"] for r in rows), reverse=True)
     fold = rows[1]
     assert fold["run_id"] == fold_run and fold["status"] == "completed" and fold["model"] == "tiny_esmfold"
     assert fold["sequences"] == 5 and fold["residues_per_s"] > 0 and fold["duration_s"] >= 0
-    table = run_cli("runs", "--store", str(store)).stdout.decode()
+    table = cli(capsys, "runs", "--store", str(store))[1]
     header, rule, *lines = table.splitlines()
     assert header.split()[:3] == ["id", "kind", "status"] and lines[-1] == "(3 rows)"
     assert [line.split()[0] for line in lines[:-1]] == [r["run_id"] for r in rows]
     parsed = list(
-        csv.DictReader(io.StringIO(run_cli("runs", "--store", str(store), "--format", "csv").stdout.decode()))
+        csv.DictReader(io.StringIO(cli(capsys, "runs", "--store", str(store), "--format", "csv")[1]))
     )
     assert [r["run_id"] for r in parsed] == [r["run_id"] for r in rows]
     only = json.loads(
-        run_cli("runs", "--store", str(store), "--status", "partial", "--format", "json").stdout
+        cli(capsys, "runs", "--store", str(store), "--status", "partial", "--format", "json")[1]
     )
     assert only == []
 
 
-def test_runs_shows_one_run_in_full(folded) -> None:
+def test_runs_shows_one_run_in_full(folded, capsys) -> None:
     store, fold_run = folded
-    shown = run_cli("runs", fold_run, "--store", str(store))
-    assert shown.returncode == 0
-    fields = dict(line.split(None, 1) for line in shown.stdout.decode().splitlines() if " " in line.strip())
+    code, out, _ = cli(capsys, "runs", fold_run, "--store", str(store))
+    assert code == 0
+    fields = dict(line.split(None, 1) for line in out.splitlines() if " " in line.strip())
     assert fields["status"].strip() == "completed" and fields["kind"].strip() == "fold"
     assert "RANDOM WEIGHTS" in fields["model"] and "5 planned" in fields["sequences"]
-    full = json.loads(run_cli("runs", fold_run, "--store", str(store), "--format", "json").stdout)
+    full = json.loads(cli(capsys, "runs", fold_run, "--store", str(store), "--format", "json")[1])
     assert full["counts"]["sequences"] == 5 and full["params"]["ingest_run"].startswith("ingest-")
-    missing = run_cli("runs", "fold-0000", "--store", str(store))
-    assert missing.returncode == 2 and missing.stderr.decode().count("\n") == 1
+    code, _, err = cli(capsys, "runs", "fold-0000", "--store", str(store))
+    assert code == 2 and err.count("\n") == 1 and "no run fold-0000" in err
 
 
 class _Document(HTMLParser):
@@ -114,7 +125,7 @@ class _Document(HTMLParser):
 def test_report_is_one_offline_html_file_with_the_fold_plots(folded, tmp_path) -> None:
     store, fold_run = folded
     out = tmp_path / "fold.html"
-    result = run_cli("report", fold_run, "--store", str(store), "--out", str(out))
+    result = run_cli("report", fold_run, "--store", str(store), "--out", str(out))  # as a shell runs it
     assert result.returncode == 0, result.stderr.decode()
     text = out.read_text()
     assert text.startswith("<!DOCTYPE html>")
@@ -139,8 +150,10 @@ def test_report_is_one_offline_html_file_with_the_fold_plots(folded, tmp_path) -
     assert "RANDOM WEIGHTS" in text
 
 
-def test_report_of_an_unknown_run_is_one_line(folded, tmp_path) -> None:
+def test_report_of_an_unknown_run_is_one_line(folded, tmp_path, capsys) -> None:
     store, _ = folded
-    result = run_cli("report", "fold-0000", "--store", str(store), "--out", str(tmp_path / "x.html"))
-    assert result.returncode == 2 and result.stderr.decode().count("\n") == 1
+    code, _, err = cli(
+        capsys, "report", "fold-0000", "--store", str(store), "--out", str(tmp_path / "x.html")
+    )
+    assert code == 2 and err.count("\n") == 1
     assert not (tmp_path / "x.html").exists()

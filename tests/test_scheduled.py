@@ -2,8 +2,8 @@
 home and SQLite database, one per module): ``proteoflow serve`` as a real serving process, and the work-pool
 route (infra/prefect.yaml deployed with ``prefect deploy``, run by a real ``prefect worker``).
 
-Served runs join the session's Ray cluster (``--ray-address``); work-pool runs start a local Ray each, as
-a run with no address does. The tiny random ESM-2 keeps every run small; ``embed`` is the cheap kind.
+Runs join the session's Ray cluster (``--ray-address``, the ``ray_address`` parameter) instead of starting a
+local Ray each. The tiny random ESM-2 keeps every run small; ``embed`` is the cheap kind.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
@@ -68,9 +69,20 @@ class _no_such_process:
         return kind is ProcessLookupError
 
 
+@dataclass
+class PrefectServer:
+    env: dict[str, str]  # what its clients (serve, the prefect CLI, the worker) run with
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return self.env["PREFECT_API_URL"]
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """A real Prefect server for this module; yields the environment its clients (serve, CLI, worker) use."""
+def server(tmp_path_factory) -> Iterator[PrefectServer]:
+    """A real Prefect server for this module, booting while other fixtures start (``client`` waits for it)."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     env = {
@@ -88,25 +100,26 @@ def server(tmp_path_factory) -> Iterator[dict[str, str]]:
     log = open(home / "server.log", "wb")  # noqa: SIM115 - closed at teardown
     process = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
-                break
-        except OSError:
-            assert process.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "Prefect server did not start in 180 s"
-            time.sleep(0.5)
-    yield env
+    yield PrefectServer(env, process, home / "server.log")
     _stop(process)
     log.close()
 
 
 @pytest.fixture(scope="module")
 def client(server):
+    """A client of the module's server, once it answers."""
     from prefect.client.orchestration import SyncPrefectClient
 
-    with SyncPrefectClient(server["PREFECT_API_URL"]) as c:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2):
+                break
+        except OSError:
+            assert server.process.poll() is None, server.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "Prefect server did not start in 180 s"
+            time.sleep(0.5)
+    with SyncPrefectClient(server.url) as c:
         yield c
 
 
@@ -204,11 +217,10 @@ def incoming(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(
-    server, client, incoming, tmp_path_factory, tiny_esm2, ray_cluster
+    server, ray_cluster, tiny_esm2, incoming, client, tmp_path_factory
 ) -> Iterator[tuple[Served, Path]]:
     store = tmp_path_factory.mktemp("served") / "store"
-    # slow shards: a run keeps the store long enough for another to be triggered meanwhile
-    env = {**server, "PROTEOFLOW_SHARD_DELAY_S": "1.5"}
+    env = dict(server.env)
     args = ["--store", str(store), "--incoming", str(incoming), "--kind", "embed", "--name", NAME,
             "--model", str(tiny_esm2), "--cron", "0 2 * * *", "--workers", "1", "--cpus-per-worker", "1",
             "--gpus-per-worker", "0", "--ray-address", ray_cluster.address, "--precision", "fp32"]  # fmt: skip
@@ -245,7 +257,7 @@ def test_runs_over_a_growing_folder_compute_only_what_is_new_and_overlapping_run
     first_file = incoming / "ecoli.fasta"
     # a run started by hand computes every sequence of the folder
     triggered = time.time()
-    first = _wait_final(client, _trigger_by_cli(server))
+    first = _wait_final(client, _trigger_by_cli(server.env))
     assert first.state.is_completed() and first.state.name == "Completed", first.state.message
     record1 = _store_run(client, first.id, store)
     assert record1 is not None and record1.status == "completed"
@@ -256,17 +268,14 @@ def test_runs_over_a_growing_folder_compute_only_what_is_new_and_overlapping_run
     assert _artifact_types(client, first.id) == {"markdown", "table"}
     assert (store / "logs" / f"{record1.run_id}.report.html").exists()
 
-    # a file lands; a run computes it while a second run, due meanwhile, waits for the store
+    # a file lands; two runs start at once: one computes the new file, the other waits for the store
     second_file = write_slice(MAG, incoming / "mag.faa", start=4, count=8, step=37, max_length=300)
     deployment = client.read_deployment_by_name(DEPLOYMENT)
-    second = client.create_flow_run_from_deployment(deployment.id)
-    _wait_for(
-        lambda: (client.read_flow_run(second.id).labels or {}).get("proteoflow.slot"), "slot held by run 2"
-    )
-    third = client.create_flow_run_from_deployment(deployment.id)
-    second, third = _wait_final(client, second.id), _wait_final(client, third.id)
-    assert second.state.name == "Completed", second.state.message
-    assert third.state.is_completed() and third.state.name == "Nothing new", third.state.message
+    both = [client.create_flow_run_from_deployment(deployment.id) for _ in range(2)]
+    both = [_wait_final(client, run.id) for run in both]
+    assert sorted(run.state.name for run in both) == ["Completed", "Nothing new"], [r.state for r in both]
+    second = next(run for run in both if run.state.name == "Completed")
+    third = next(run for run in both if run.state.name == "Nothing new")
     assert any("busy" in line and second.name in line for line in _logs(client, third.id)), _logs(
         client, third.id
     )
@@ -295,10 +304,8 @@ def test_a_run_whose_process_died_is_marked_crashed_by_the_next(served, client) 
     held = client.increment_concurrency_slots_with_lease([slot_name(store)], 1, "concurrency", SLOT_LEASE_S)
     lease = UUID(held.json()["lease_id"])
     doomed = client.create_flow_run_from_deployment(deployment.id)
-    labels = _wait_for(
-        lambda: (r := client.read_flow_run(doomed.id)).state.is_running() and r.labels, "running run"
-    )
     _wait_for(lambda: "busy" in " ".join(_logs(client, doomed.id)), "waiting run")
+    labels = client.read_flow_run(doomed.id).labels
     serving.kill()  # the serving process and its runs die at once: nobody is left to report the end
     pid = int(labels["proteoflow.process"].split(":")[0])
     with _no_such_process():
@@ -355,10 +362,10 @@ def test_prefect_yaml_names_only_the_scheduled_flows_parameters() -> None:
 
 
 def test_work_pool_route_with_a_real_worker_ends_partial_then_resumes(
-    server, client, tiny_esm2, hooks, tmp_path
+    server, client, tiny_esm2, hooks, ray_cluster, tmp_path
 ) -> None:
     def prefect(*args: str) -> None:
-        result = subprocess.run([*PREFECT, "--no-prompt", *args], env=server, cwd=ROOT, capture_output=True,
+        result = subprocess.run([*PREFECT, "--no-prompt", *args], env=server.env, cwd=ROOT, capture_output=True,
                                 text=True, timeout=180)  # fmt: skip
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
@@ -366,13 +373,13 @@ def test_work_pool_route_with_a_real_worker_ends_partial_then_resumes(
     prefect("deploy", "--prefect-file", "infra/prefect.yaml", "--name", "nightly-metagenome-embed")
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
     worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "proteoflow", "--type", "process"],
-                              env=server, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                              env=server.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         incoming, store = tmp_path / "incoming", tmp_path / "store"
         incoming.mkdir()
         write_slice(ECOLI, incoming / "ecoli.fasta", start=21, count=10, step=47, max_length=300)
         deployment = client.read_deployment_by_name("proteoflow-scheduled-embed/nightly-metagenome-embed")
-        params = {"incoming": str(incoming), "store": str(store), "model": str(tiny_esm2), "ray_address": None,
+        params = {"incoming": str(incoming), "store": str(store), "model": str(tiny_esm2), "ray_address": ray_cluster.address,
                   "workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "max_attempts": 1, "notify": hooks,
                   "engine_options": {"precision": "fp32"}}  # fmt: skip
         # the worker process running shard 0 is killed once: with one attempt per shard, the run ends partial
