@@ -24,6 +24,7 @@ import pyarrow as pa
 from flows.errors import CliError
 from flows.family import ensemble_name
 from flows.job import Job
+from flows.progress import ProgressBar
 from storage import mutants
 from storage.catalog import write_catalog
 from storage.ingest import ingest
@@ -120,8 +121,13 @@ def select_inputs(job: Job, variants: VariantsCsv, workdir: Path) -> Selection:
     When the inputs hold other sequences too, the named records are written to a FASTA file in ``workdir``
     for the runs to read, so only those are scored. A CliError when the CSV names none of them."""
     store = Store(job.store)
-    ingested = ingest(store, job.inputs, min_length=job.min_length, max_length=job.max_length)
+    bar = ProgressBar(f"{job.kind}: ingest", unit="records") if job.progress else None
+    ingested = ingest(store, job.inputs, min_length=job.min_length, max_length=job.max_length,
+                      progress=(lambda p: bar.update(p["records"])) if bar else None)  # fmt: skip
     records = mutants.named_records(store, ingested.run_id, variants.ids)
+    if bar is not None:
+        bar.finish(f"{job.kind}: input {ingested.run_id}: {ingested.counts.accepted:,} records accepted, "
+                   f"{records.num_rows:,} of them named by {Path(variants.path).name}")  # fmt: skip
     if not records.num_rows:
         raise CliError(
             f"--variants {variants.path}: none of its {len(variants.ids)} sequence id(s) is an accepted record "
