@@ -411,3 +411,29 @@ def test_work_pool_route_with_a_real_worker_ends_partial_then_resumes(
     finally:
         _stop(worker)
         log.close()
+
+
+def test_serve_refuses_in_one_line_before_starting_anything(tmp_path, tiny_esm2) -> None:
+    from conftest import run_cli
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+
+    def serve(incoming: Path = incoming, kind: str = "embed", *more: str) -> list[str]:
+        return ["serve", "--store", str(tmp_path / "store"), "--incoming", str(incoming), "--kind", kind,
+                "--name", "x", "--model", str(tiny_esm2), *more]  # fmt: skip
+
+    no_server = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": ""}
+    refused = {
+        "PREFECT_API_URL": (no_server, serve()),
+        "does not answer": (
+            {**no_server, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"},
+            serve(),
+        ),
+        "--layers is an option of --kind embed": (no_server, serve(incoming, "fold", "--layers", "1")),
+        "not a directory": (no_server, serve(tmp_path / "missing")),
+    }
+    for expected, (env, args) in refused.items():
+        result = run_cli(*args, env=env, timeout=120)
+        err = result.stderr.decode()
+        assert result.returncode == 2 and err.count("\n") == 1 and expected in err, (expected, err)
