@@ -179,13 +179,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import duckdb
 
-    from storage.catalog import ReadOnlyError
+    from storage.catalog import ReadOnlyError, StoreFormatError
     from storage.fasta import InputError
+    from storage.results import DamagedStoreError
 
     try:
         _check_store_arg(args)
         return args.handler(args)
-    except (CliError, InputError, ReadOnlyError, FileNotFoundError) as exc:
+    except (
+        CliError,
+        InputError,
+        ReadOnlyError,
+        FileNotFoundError,
+        StoreFormatError,
+        DamagedStoreError,
+    ) as exc:
         sys.stderr.write(f"proteoflow {args.command}: error: {exc}\n")
         return 2
     except duckdb.Error as exc:

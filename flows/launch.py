@@ -280,6 +280,8 @@ def _run_flow(
             check_fits(job.pool, cluster)
             from flows.pipeline import FLOWS, RunFailed, prestart_workers
 
+            log.attach()  # again: importing Prefect configured logging and dropped handlers added before it
+
             prestart_workers(job)
             if api is not None:
                 api.wait_ready()

@@ -248,6 +248,12 @@ def _pipeline(job: Job) -> RunRecord:
             assert isinstance(planned.record.counts, ComputeCounts)
             planned.record.counts.placements = pool.placements()
             compute_shards(job, pool, planned, identity)
+        except KeyboardInterrupt:
+            if planned is not None and planned.record.status == "running":
+                planned.record.finish(
+                    Store(job.store), "interrupted", "interrupted; rerun the same command to resume"
+                )
+            raise
         except Exception as exc:
             if planned is not None and planned.record.status == "running":
                 planned.record.finish(Store(job.store), "failed", f"{type(exc).__name__}: {exc}"[:2000])

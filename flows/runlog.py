@@ -38,12 +38,26 @@ class RunLog(logging.Handler):
         except Exception:  # noqa: BLE001 - a log line must never break the run
             self.handleError(record)
 
+    def attach(self) -> None:
+        """Add this handler to proteoflow's, Prefect's and Ray's loggers (again after Prefect configured
+        logging, which replaces the handlers of the loggers it names)."""
+        _attach(self)
+
     def save(self, path: Path) -> None:
         """Append what was logged to ``path`` (one file per run, every attempt appended)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as fh:
             fh.write("\n".join(self.lines) + "\n")
         self.lines.clear()
+
+
+def _attach(handler: RunLog) -> None:
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
 
 
 def configure(verbose: bool) -> RunLog:
@@ -54,9 +68,5 @@ def configure(verbose: bool) -> RunLog:
         for name, value in QUIET_ENV.items():
             os.environ.setdefault(name, value)
     handler = RunLog()
-    for name in LOGGERS:
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
-            logger.setLevel(logging.INFO)
+    handler.attach()
     return handler

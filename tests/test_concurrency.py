@@ -94,3 +94,5 @@ def test_overlapping_embeds_at_once_compute_each_sequence_once(tiny_esm2, tmp_pa
     assert rows == keys == sequences == wanted
     statuses = query(store, "SELECT status FROM runs WHERE kind = 'embed'")[1]
     assert statuses == [("completed",), ("completed",)]
+    logs = sorted((store / "logs").glob("embed-*.log"))  # the full log of each run, kept beside its results
+    assert len(logs) == 2 and all("Beginning flow run" in log.read_text() for log in logs)
