@@ -92,7 +92,7 @@ def gather(store: Store, run_id: str) -> ReportData:
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _figure(width: float = 6.0, height: float = 3.4):
+def _figure(width: float = 5.2, height: float = 3.2):
     """A figure drawn by the Agg backend (no display, no global pyplot state: safe in any thread)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -203,14 +203,16 @@ def _e(value: object) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+def _table(columns: Sequence[str] | None, rows: Sequence[Sequence[object]]) -> str:
+    """An HTML table (numbers right-aligned); no header row when ``columns`` is None."""
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns or ())
     body = "".join(
         "<tr>" + "".join(f'<td class="num">{_fmt(v)}</td>' if isinstance(v, (int, float)) else f"<td>{_e(v)}</td>"
                          for v in r) + "</tr>"
         for r in rows
     )  # fmt: skip
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 def _fmt(value: float) -> str:
@@ -232,7 +234,7 @@ def render(data: ReportData) -> str:
     if (record.params.get("identity") or {}).get("random_weights"):
         parts.append('<p class="warn">RANDOM WEIGHTS: this run used randomly initialised weights; its results '
                      "mean nothing.</p>")  # fmt: skip
-    parts += ["<h2>Summary</h2>", _table(("", ""), facts(record))]
+    parts += ["<h2>Summary</h2>", _table(None, facts(record))]
     figures = plots(data)
     if figures:
         parts.append("<h2>Plots</h2>")
