@@ -219,14 +219,15 @@ def finish(
         "shards_failed": counts.shards_failed, "wall_seconds": time.monotonic() - started})  # fmt: skip
     main = wanted_rows(job.kind, job.options, identity)[0].table
     counts.outputs = str(results.model_dir(store, main, identity.model))
-    missing = wait_for_claims(store, job, planned, identity)
+    planned.lease.release()
+    missing = len(missing_results(store, job, planned, identity))
     if counts.shards_failed:
         failed = ", ".join(f"{k}: {v}" for k, v in list(counts.failed.items())[:3])
         record.finish(store, "partial", f"{counts.shards_failed} shard(s) failed after retries ({failed}); "
                                         "rerun the same command to retry them")  # fmt: skip
     elif missing:
-        record.finish(store, "partial", f"{missing} sequence(s) of the input lack results after the run (another "
-                                        "run claimed them and stopped); rerun the same command to compute them")  # fmt: skip
+        record.finish(store, "partial", f"{missing} sequence(s) of the input lack results after the run; rerun the "
+                                        "same command to compute them")  # fmt: skip
     else:
         record.finish(store, "completed")
     return record
@@ -248,6 +249,13 @@ def _pipeline(job: Job) -> RunRecord:
             assert isinstance(planned.record.counts, ComputeCounts)
             planned.record.counts.placements = pool.placements()
             compute_shards(job, pool, planned, identity)
+            for _ in range(MAX_ROUNDS - 1):
+                # Sequences another run claimed were skipped; once no live claim covers what is still
+                # missing (that run finished other rows, or stopped), this run computes the rest itself.
+                if not wait_for_claims(Store(job.store), job, planned, identity):
+                    break
+                planned = plan_shards(job, ingest_run, identity)
+                compute_shards(job, pool, planned, identity)
         except KeyboardInterrupt:
             if planned is not None and planned.record.status == "running":
                 planned.record.finish(
@@ -371,11 +379,12 @@ def missing_results(store: Store, job: Job, planned: Planned, identity: EngineId
 
 
 CLAIM_POLL_S = 2.0
+MAX_ROUNDS = 3  # plan-and-compute rounds in one attempt (more only when other runs keep claiming sequences)
 
 
 def wait_for_claims(store: Store, job: Job, planned: Planned, identity: EngineIdentity) -> int:
     """Release this run's lease, then wait while other live runs hold claims on sequences this run still
-    lacks (they are computing them); returns how many sequences are still missing after that."""
+    lacks (they are computing them); returns how many sequences are still missing after that (0: done)."""
     planned.lease.release()
     logger = get_run_logger()
     while True:

@@ -96,3 +96,26 @@ def test_overlapping_embeds_at_once_compute_each_sequence_once(tiny_esm2, tmp_pa
     assert statuses == [("completed",), ("completed",)]
     logs = sorted((store / "logs").glob("embed-*.log"))  # the full log of each run, kept beside its results
     assert len(logs) == 2 and all("Beginning flow run" in log.read_text() for log in logs)
+
+
+def test_concurrent_embeds_with_different_options_both_complete_without_duplicates(
+    tiny_esm2, tmp_path
+) -> None:
+    """Same weights, same input, different poolings at once: the second skips what the first claimed, then
+    computes the rows the first did not write (bos) itself; no row is written twice."""
+    records = read_fasta_records(require_shared(ECOLI))[::11][:40]
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{h}\n{s[:300]}\n" for h, s in records))
+    store = tmp_path / "store"
+    common = ["--store", str(store), "--model", str(tiny_esm2), "--workers", "1", "--no-progress"]
+    slow = {"PROTEOFLOW_SHARD_DELAY_S": "1"}
+    first = _start("embed", str(fasta), *common, "--pooling", "mean", env=slow)
+    second = _start("embed", str(fasta), *common, "--pooling", "mean,bos", env=slow)
+    _finish(first)
+    _finish(second)
+    [(rows, keys)] = query(
+        store, "SELECT count(*), count(DISTINCT (seq_hash, layer, pooling)) FROM embeddings"
+    )[1]
+    [(wanted,)] = query(store, "SELECT count(DISTINCT seq_hash) FROM members")[1]
+    assert rows == keys == 2 * wanted
+    assert query(store, "SELECT status FROM runs WHERE kind = 'embed'")[1] == [("completed",), ("completed",)]
