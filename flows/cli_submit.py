@@ -76,7 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Submit `proteoflow embed` or `proteoflow fold` to a Ray cluster as a Ray job.\n"
         "See `proteoflow submit embed --help`.",
     )
-    kinds = p.add_subparsers(dest="submit_kind", metavar="KIND", required=True)
+    kinds = p.add_subparsers(dest="submit_kind", metavar="KIND", required=True, help="embed or fold")
     for kind, parser in submit.compute_parsers().items():
         k = kinds.add_parser(
             kind,

@@ -150,10 +150,10 @@ def job_argv(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[
 
 
 def check_round_trip(argv: list[str], args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """The job's command line, parsed by the CLI the job runs, gives back every value checked here."""
-    from flows.cli import build_parser
-
-    parsed = build_parser().parse_args(argv[3:])
+    """The job's command line, parsed by the subcommand parser the job's CLI uses, gives back every value
+    checked here."""
+    kind, rest = argv[3], argv[4:]  # python -m flows.cli KIND ...
+    parsed = compute_parsers()[kind].parse_args(rest)
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
             continue
