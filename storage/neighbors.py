@@ -181,7 +181,9 @@ def compute_neighbors(
         if progress is not None:
             progress(run.computed, len(todo))
     run.seconds = round(time.time() - started, 3)
-    write_catalog(vs.root)  # the first neighbors file of a model directory: catalog.sql answers for it at once
+    write_catalog(
+        vs.root
+    )  # the first neighbors file of a model directory: catalog.sql answers for it at once
     return run
 
 
