@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 STORE  ?= demo-store
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-all lint clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-all: install   # also the tests marked slow
+	$(BIN)/python -m pytest -q -m ""
 
 lint: install
 	$(BIN)/ruff check .
