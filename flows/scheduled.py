@@ -45,6 +45,9 @@ PARTIAL = "Partial"
 
 
 def _scheduled_flow(kind: str) -> Flow:
+    """The scheduled flow of one kind: both kinds share this signature (the deployments' parameters) and
+    differ only in the flow's name, which names their deployments (``proteoflow-scheduled-<kind>/<name>``)."""
+
     def scheduled(
         incoming: str,
         store: str,
