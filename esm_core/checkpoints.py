@@ -46,14 +46,15 @@ _MISSING_OK = re.compile(r"^contact_head\.regression\.(weight|bias)$")
 _UNEXPECTED_OK = re.compile(r"^(esm\.)?(lm_head|pooler)\.")
 # The same for ESM C: an EsmcForMaskedLM save's LM head; nothing may be missing.
 _ESMC_UNEXPECTED_OK = re.compile(r"^(esmc\.)?lm_head\.")
-# An EsmForMaskedLM may miss the contact head (its encoder's); a missing LM head is refused by name after
-# loading; a pooler is dropped.
+# An EsmForMaskedLM may miss its encoder's contact head; a missing LM head passes the generic check so that
+# it is refused by name after loading (_LM_HEAD_KEY); a pooler in the file is dropped.
 _MLM_MISSING_OK = re.compile(r"^(esm\.)?contact_head\.regression\.(weight|bias)$|^lm_head\.")
 _LM_HEAD_KEY = re.compile(r"^lm_head\.")
+_MLM_UNEXPECTED_OK = re.compile(r"^(esm\.)?pooler\.")
+# A converted fair-esm state: the contact head when the file has none, and the tied LM projection.
 _FAIR_MLM_MISSING_OK = re.compile(
     r"^esm\.contact_head\.regression\.(weight|bias)$|^lm_head\.decoder\.weight$"
 )
-_MLM_UNEXPECTED_OK = re.compile(r"^(esm\.)?pooler\.")
 _NOTHING = re.compile(r"(?!)")
 # fair-esm LM head keys (RobertaLMHead) -> EsmLMHead keys; its ``weight`` is tied to the token embedding.
 _LM_HEAD_RENAMES = {
@@ -67,7 +68,8 @@ _LM_HEAD_RENAMES = {
 
 @dataclass
 class LoadedEsm:
-    """An ``EsmModel`` in eval mode (fp32) plus what the pipeline records about it."""
+    """An ``EsmModel`` in eval mode (fp32), or ESM C's ``EsmcModel`` under EsmModel's module names
+    (:class:`esm_core.esmc.EsmcEncoderView`), plus what the pipeline records about it."""
 
     model: EsmModel | EsmcEncoderView  # ESM C: EsmcModel's modules under EsmModel's names
     name: str

@@ -233,26 +233,32 @@ class VariantScorer:
             if outside:
                 raise ValueError(f"{key!r}: residue index {outside[0]} outside 0..{len(sequence) - 1}")
             jobs.extend(self._jobs(index, len(sequence), wanted))
-        tables = {
-            i: np.full((len(s), alphabet.VOCAB_SIZE), np.nan, np.float32) for i, (_, s) in enumerate(items)
-        }
-        remaining = {i: 0 for i in tables}
+        remaining = dict.fromkeys(range(len(items)), 0)
         for job in jobs:
             remaining[job.item] += 1
-        notes: dict[int, list[str]] = {i: [] for i in tables}
-        done = [i for i, count in remaining.items() if count == 0]  # nothing asked of these
-        for item in done:
-            yield self._result(items[item], tables.pop(item), [], self.precision)
+        # (L, vocab) log-probabilities of the items in progress: length-sorted batches finish items one
+        # after another, so only a few tables are alive at a time
+        tables: dict[int, np.ndarray] = {}
+        notes: dict[int, list[str]] = {}
+        for item in [i for i, count in remaining.items() if count == 0]:  # nothing asked of these
+            yield self._result(items[item], self._table(items[item]), [], self.precision)
         for batch in pack_batches([job.length for job in jobs], self.max_tokens):
             chunk = [jobs[i] for i in batch]
             for sub, outs, fallbacks in self._run(chunk, items):
                 for job, logp in zip((chunk[i] for i in sub), outs, strict=True):
+                    if job.item not in tables:
+                        tables[job.item] = self._table(items[job.item])
                     tables[job.item][list(job.positions)] = logp[:, : alphabet.VOCAB_SIZE]
-                    seen = notes[job.item]
+                    seen = notes.setdefault(job.item, [])
                     seen.extend(f for f in fallbacks if f not in seen)
                     remaining[job.item] -= 1
                     if remaining[job.item] == 0:
+                        notes.pop(job.item)
                         yield self._result(items[job.item], tables.pop(job.item), seen, self._precision(seen))
+
+    @staticmethod
+    def _table(item: tuple[str, str]) -> np.ndarray:
+        return np.full((len(item[1]), alphabet.VOCAB_SIZE), np.nan, np.float32)
 
     def _jobs(self, item: int, length: int, wanted: list[int]) -> list[_Job]:
         """Masked-marginals: one masked copy per wanted residue, in its centred window. Wt-marginals: one
@@ -367,10 +373,22 @@ def score_mutants(
     scorer: VariantScorer, key: str, sequence: str, labels: Sequence[str], offset: int = 1
 ) -> list[MutantScore]:
     """Score mutant labels of one sequence, running passes only at the residues they mutate."""
-    sequence = alphabet.normalise(sequence, key)
-    wanted = mutant_positions(sequence, labels, offset)
-    table = next(scorer.score([(key, sequence)], {key: wanted}))
-    return mutant_scores(table, labels, offset)
+    return score_mutant_sets(scorer, [(key, sequence, labels)], offset)[key]
+
+
+def score_mutant_sets(
+    scorer: VariantScorer, entries: Sequence[tuple[str, str, Sequence[str]]], offset: int = 1
+) -> dict[str, list[MutantScore]]:
+    """Score (key, sequence, mutant labels) entries together: the masked copies of all sequences share
+    batches, and only mutated residues are scored. Returns each key's MutantScores in label order."""
+    if len({key for key, _, _ in entries}) != len(entries):
+        raise ValueError("mutant sets need distinct keys")
+    items = [(key, alphabet.normalise(sequence, key)) for key, sequence, _ in entries]
+    labels = {key: list(found) for key, _, found in entries}
+    wanted = {key: mutant_positions(sequence, labels[key], offset) for key, sequence in items}
+    return {
+        table.key: mutant_scores(table, labels[table.key], offset) for table in scorer.score(items, wanted)
+    }
 
 
 def _site_sum(scores: np.ndarray, mutant: Mutant) -> np.ndarray:

@@ -24,6 +24,7 @@ from esm_core.variants import (
     mutant_scores,
     parse_mutant,
     score_ensemble,
+    score_mutant_sets,
     score_mutants,
 )
 
@@ -166,10 +167,18 @@ def test_multi_mutants_sum_their_sites(tmp_path, protein):
     passes = []
     hook = loaded.model.esm.register_forward_hook(lambda *_: passes.append(1))
     direct = {m.mutant: m.score for m in score_mutants(scorer, "p", protein, [*single, double])}
-    hook.remove()
     assert len(passes) == 1  # two masked copies, one pass
     for label, score in direct.items():
         assert score == pytest.approx(got[label].score, abs=1e-5)
+    # several sequences' mutants share passes
+    other = protein[::-1]
+    passes.clear()
+    sets = score_mutant_sets(scorer, [("p", protein, [double]), ("q", other, [f"{other[0]}1W"])])
+    hook.remove()
+    assert len(passes) == 1 and set(sets) == {"p", "q"}
+    assert sets["p"][0].score == pytest.approx(got[double].score, abs=1e-5)
+    reversed_table = next(scorer.score([("q", other)]))
+    assert sets["q"][0].score == pytest.approx(reversed_table.scores[0, AMINO_ACIDS.index("W")], abs=1e-5)
     rows = list(table.rows())
     assert len(rows) == 20 * len(protein) and rows[0][:3] == (1, protein[0], "A")
     assert [score for pos, wt, mt, score in rows if mt == wt] == [0.0] * sum(
