@@ -76,7 +76,7 @@ def build_deployment(
 
 def describe_schedule(cron: str | None, interval: int | None, timezone: str) -> str:
     if cron:
-        return f'cron "{cron}" ({timezone})'
+        return f'cron "{cron}", {timezone}'
     if interval:
         return f"every {interval} s"
     return "no schedule: runs start by hand"
