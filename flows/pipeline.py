@@ -252,7 +252,10 @@ def _pipeline(job: Job) -> RunRecord:
             for _ in range(MAX_ROUNDS - 1):
                 # Sequences another run claimed were skipped; once no live claim covers what is still
                 # missing (that run finished other rows, or stopped), this run computes the rest itself.
-                if not wait_for_claims(Store(job.store), job, planned, identity):
+                # Shards that failed after their retries are not retried again here: the run ends partial.
+                if planned.record.counts.shards_failed or not wait_for_claims(
+                    Store(job.store), job, planned, identity
+                ):
                     break
                 planned = plan_shards(job, ingest_run, identity)
                 compute_shards(job, pool, planned, identity)
