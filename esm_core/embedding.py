@@ -12,6 +12,7 @@ same length (e.g. the 1,022-residue windows of long proteins) is not rounded up,
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -183,8 +184,7 @@ class Embedder:
             return self.model, self.precision
         if self._cpu_model is None:
             source = self.loaded.model
-            model = EsmModel(source.config, add_pooling_layer=False)
-            model.load_state_dict({k: v.detach().to("cpu") for k, v in source.state_dict().items()})
+            model = copy.deepcopy(source).to("cpu")  # any encoder (ESM-2, ESM C's view), its weights included
             precision = "bf16" if cpu_has_fast_bf16() else "fp32"
             self._cpu_model = (cast_model(model.eval(), precision), precision)
         return self._cpu_model

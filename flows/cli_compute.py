@@ -329,8 +329,9 @@ def build_job(args: argparse.Namespace, model: str | None = None):
     )
 
 
-def print_run_summary(record, out: TextIO = sys.stdout, nothing_to_do: bool = False) -> None:
+def print_run_summary(record, out: TextIO | None = None, nothing_to_do: bool = False) -> None:
     """What a compute run did, where its outputs are, and how fast it went."""
+    out = out or sys.stdout  # resolved per call: a default bound at import outlives a redirected stream
     c = record.counts
     ident = record.params.get("identity", {})
     weights = f"weights {ident.get('sha')}" + (

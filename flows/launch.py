@@ -209,9 +209,10 @@ def nothing_left(store: Store, job, identity: EngineIdentity) -> RunRecord | Non
 
 
 def launch(
-    job, log: RunLog, report: Callable[[Launched], None], verbose: bool = False, err: TextIO = sys.stderr
+    job, log: RunLog, report: Callable[[Launched], None], verbose: bool = False, err: TextIO | None = None
 ) -> Launched:
     """Run ``job`` (a flows.pipeline.Job) as quickly as the store allows; see the module docstring."""
+    err = err or sys.stderr  # resolved per call: a default bound at import outlives a redirected stream
     interrupts = Interrupts(job.kind, hint="; rerun the same command to resume")
     interrupts.install()
     try:

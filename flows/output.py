@@ -56,9 +56,10 @@ def _jsonable(value: object) -> object:
 
 
 def write_result(
-    columns: Sequence[str], rows: Sequence[tuple], fmt: str = "table", out: TextIO = sys.stdout
+    columns: Sequence[str], rows: Sequence[tuple], fmt: str = "table", out: TextIO | None = None
 ) -> None:
     """Print a query result: aligned table (long cells shortened), full CSV, or a JSON array of objects."""
+    out = out or sys.stdout  # resolved per call: a default bound at import outlives a redirected stream
     if fmt == "csv":
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow([escape_controls(c) for c in columns])

@@ -33,10 +33,11 @@ class ProgressBar:
         label: str,
         total: float | None = None,
         unit: str = "residues",
-        stream: TextIO = sys.stderr,
+        stream: TextIO | None = None,
         every_s: float = 5.0,
         fmt: Callable[[float], str] = _count,
     ) -> None:
+        stream = stream or sys.stderr
         self.label, self.total, self.unit, self.stream, self.every_s, self.fmt = (
             label,
             total,

@@ -90,9 +90,10 @@ def serve_scheduled(
     interval: int | None = None,
     timezone: str = "UTC",
     notify: str | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> None:
     """Register the deployment, say how to use it, and serve it until interrupted (Ctrl-C or SIGTERM)."""
+    out = out or sys.stdout  # resolved per call: a default bound at import outlives a redirected stream
     from prefect import serve
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_UI_URL

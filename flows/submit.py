@@ -261,9 +261,10 @@ async def _tail(jobs, job_id: str, out: TextIO) -> None:
         out.flush()
 
 
-def follow(jobs, job_id: str, out: TextIO = sys.stdout, poll_s: float = 1.0) -> tuple[str, int]:
+def follow(jobs, job_id: str, out: TextIO | None = None, poll_s: float = 1.0) -> tuple[str, int]:
     """Print the job's logs as they come until it ends; its final status and the exit status to use (the
     driver's own exit status where Ray knows it, else 0 for SUCCEEDED and 1 otherwise)."""
+    out = out or sys.stdout  # resolved per call: a default bound at import outlives a redirected stream
     try:
         asyncio.run(_tail(jobs, job_id, out))
     except (ConnectionError, OSError, RuntimeError) as exc:  # the log stream broke: poll the status instead
