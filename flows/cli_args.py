@@ -39,3 +39,19 @@ def require_store(args: argparse.Namespace) -> str:
     if not args.store:
         raise CliError("no store given: pass --store DIR or set PROTEOFLOW_STORE")
     return args.store
+
+
+def engine_budget_args(parser: argparse.ArgumentParser) -> None:
+    """--precision and --max-tokens, as every ESM-2-style engine (embed, score-variants, predict) takes them."""
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto = fastest safe one for the device (bf16 on CPUs with fast bf16, fp16 on GPUs)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        metavar="N",
+        help="token budget per batch, padding included (default: from the device's memory)",
+    )

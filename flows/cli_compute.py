@@ -9,7 +9,7 @@ import textwrap
 from dataclasses import asdict
 from typing import TextIO
 
-from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
+from flows.cli_args import engine_budget_args, positive_int, require_store, run_id_arg, store_arg
 from flows.errors import CliError
 
 COMMON_EPILOG = textwrap.dedent("""\
@@ -140,18 +140,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default="window",
         help="sequences over the model's 1,022 residues: overlapping windows (default) or truncate",
     )
-    e.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        default="auto",
-        help="auto = fastest safe one for the device (bf16 on CPUs with fast bf16, fp16 on GPUs)",
-    )
-    e.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        metavar="N",
-        help="token budget per batch, padding included (default: from the device's memory)",
-    )
+    engine_budget_args(e)
     e.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored vector type")
     _pool_args(e)
     e.set_defaults(handler=cmd_compute, kind="embed")

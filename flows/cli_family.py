@@ -9,7 +9,7 @@ import os
 import sys
 import textwrap
 
-from flows.cli_args import positive_int
+from flows.cli_args import engine_budget_args
 from flows.cli_compute import (
     COMMON_EPILOG,
     _input_args,
@@ -27,18 +27,7 @@ LONG_STRATEGIES = ("window", "truncate")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        default="auto",
-        help="auto = fastest safe one for the device (bf16 on CPUs with fast bf16, fp16 on GPUs)",
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        metavar="N",
-        help="token budget per batch, padding included (default: from the device's memory)",
-    )
+    engine_budget_args(p)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
