@@ -25,7 +25,7 @@ from esm_core import alphabet
 from esm_core.batching import embed_token_budget, pack_batches, run_with_oom_fallback
 from esm_core.checkpoints import LoadedEsm
 from esm_core.precision import cast_model, cosine_similarity, cpu_has_fast_bf16, resolve_precision
-from esm_core.windows import Stitcher, plan_windows
+from esm_core.windows import Piece, Stitcher, cut_pieces
 
 POOLINGS = ("mean", "bos")
 LONG_STRATEGIES = ("window", "truncate")
@@ -50,19 +50,6 @@ class EmbedResult:
     contacts: np.ndarray | None
     fallbacks: list[str] = field(default_factory=list)
     precision: str = "fp32"
-
-
-@dataclass
-class _Piece:
-    """A slice [start, end) of input ``item`` that fits in one forward pass."""
-
-    item: int
-    start: int
-    end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
 
 
 @dataclass
@@ -129,20 +116,15 @@ class Embedder:
         """Yield one ``EmbedResult`` per (key, sequence), in batch order (not input order); sequences are
         normalised by ingest's rule first (:func:`esm_core.alphabet.normalise`)."""
         items = [(key, alphabet.normalise(sequence, key)) for key, sequence in items]
-        pieces: list[_Piece] = []
+        pieces: list[Piece] = []
         stitchers: dict[int, Stitcher] = {}
         for index, (key, sequence) in enumerate(items):
             if not sequence:
                 raise ValueError(f"empty sequence for key {key!r}")
-            length = len(sequence)
-            if length <= self.window:
-                pieces.append(_Piece(index, 0, length))
-            elif self.long_strategy == "truncate":
-                pieces.append(_Piece(index, 0, self.window))
-            else:
-                spans = plan_windows(length, self.window, self.stride)
-                stitchers[index] = Stitcher(length, len(spans))
-                pieces.extend(_Piece(index, start, end) for start, end in spans)
+            cut = cut_pieces(index, len(sequence), self.window, self.long_strategy, self.stride)
+            if len(cut) > 1:
+                stitchers[index] = Stitcher(len(sequence), len(cut))
+            pieces.extend(cut)
         notes: dict[int, list[str]] = {}
         for batch in pack_batches([p.length for p in pieces], self.max_tokens):
             chunk = [pieces[i] for i in batch]
@@ -162,7 +144,7 @@ class Embedder:
                         )
 
     def _run(
-        self, chunk: list[_Piece], items: Sequence[tuple[str, str]], stitchers: dict[int, Stitcher]
+        self, chunk: list[Piece], items: Sequence[tuple[str, str]], stitchers: dict[int, Stitcher]
     ) -> list[tuple[list[int], list[_PieceOut], list[str]]]:
         sequences = [items[p.item][1][p.start : p.end] for p in chunk]
         residues = [self.per_residue or p.item in stitchers for p in chunk]

@@ -39,7 +39,7 @@ from esm_core.device import pick_device
 from esm_core.precision import cast_model, cpu_has_fast_bf16, resolve_precision
 from esm_core.sources import ModelNotFoundError, loaded_fingerprint, resolve_source
 from esm_core.weights import RANDOM_WEIGHTS_KEY, weights_checksum
-from esm_core.windows import Stitcher, plan_windows
+from esm_core.windows import Piece, Stitcher, cut_pieces
 
 # config "architectures" name -> (kind, class)
 HEAD_CLASSES: dict[str, tuple[str, type[nn.Module]]] = {
@@ -104,17 +104,6 @@ class ResiduePrediction:
     strategy: str
     precision: str = "fp32"
     fallbacks: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Piece:
-    item: int
-    start: int
-    end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
 
 
 class _Windows:
@@ -231,19 +220,15 @@ class Classifier:
         """Yield one prediction per (key, sequence), in batch order (not input order); sequences are
         normalised by ingest's rule first."""
         items = [(key, alphabet.normalise(sequence, key)) for key, sequence in items]
-        pieces: list[_Piece] = []
+        pieces: list[Piece] = []
         windowed: dict[int, _Windows] = {}
         for index, (key, sequence) in enumerate(items):
             if not sequence:
                 raise ValueError(f"empty sequence for key {key!r}")
-            if len(sequence) <= self.window:
-                pieces.append(_Piece(index, 0, len(sequence)))
-            elif self.long_strategy == "truncate":
-                pieces.append(_Piece(index, 0, self.window))
-            else:
-                spans = plan_windows(len(sequence), self.window)
-                windowed[index] = _Windows(len(sequence), len(spans), self.loaded.kind)
-                pieces.extend(_Piece(index, start, end) for start, end in spans)
+            cut = cut_pieces(index, len(sequence), self.window, self.long_strategy)
+            if len(cut) > 1:
+                windowed[index] = _Windows(len(sequence), len(cut), self.loaded.kind)
+            pieces.extend(cut)
         for batch in pack_batches([p.length for p in pieces], self.max_tokens):
             chunk = [pieces[i] for i in batch]
             for sub, (outs, precision), fallbacks in self._run(chunk, items):
@@ -272,7 +257,7 @@ class Classifier:
         label = None if self.loaded.problem_type == "regression" else labels[int(out.argmax())]
         return SequencePrediction(key, length, labels, out, label, strategy, precision, list(fallbacks))
 
-    def _run(self, chunk: list[_Piece], items: Sequence[tuple[str, str]]):
+    def _run(self, chunk: list[Piece], items: Sequence[tuple[str, str]]):
         sequences = [items[p.item][1][p.start : p.end] for p in chunk]
 
         def on_device(sub: list[int]) -> tuple[list[np.ndarray], str]:

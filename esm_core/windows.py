@@ -7,6 +7,8 @@ except near the sequence ends. The last window is aligned to the sequence end.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -18,6 +20,31 @@ def plan_windows(length: int, window: int, stride: int | None = None) -> list[tu
     starts = list(range(0, length - window, stride))
     starts.append(length - window)
     return [(s, s + window) for s in starts]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A slice [start, end) of input ``item`` that fits in one forward pass."""
+
+    item: int
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def cut_pieces(
+    item: int, length: int, window: int, long_strategy: str, stride: int | None = None
+) -> list[Piece]:
+    """The slices one sequence runs as: whole when it fits the window, its first window (``truncate``), or
+    overlapping windows (more than one piece: the caller stitches their outputs)."""
+    if length <= window:
+        return [Piece(item, 0, length)]
+    if long_strategy == "truncate":
+        return [Piece(item, 0, window)]
+    return [Piece(item, start, end) for start, end in plan_windows(length, window, stride)]
 
 
 class Stitcher:
