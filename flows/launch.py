@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -34,7 +34,6 @@ from flows.runlog import RunLog
 from storage import plans, results
 from storage.ingest import ingest
 from storage.layout import Store
-from storage.results import ModelIdentity
 from storage.runs import ComputeCounts, RunRecord, list_runs, load_run, run_path
 
 CHECKPOINT_KIND = {"embed": "esm", "fold": "esmfold", "score-variants": "esm", "predict": "esm"}
@@ -177,13 +176,11 @@ def known_identity(store: Store, job, info: CheckpointInfo) -> EngineIdentity | 
     for record in list_runs(store):
         ident = record.params.get("identity")
         if record.kind == job.kind and ident and record.params.get("fingerprint") == info.fingerprint:
-            model = ModelIdentity(ident["model"], ident["sha"], bool(ident.get("random_weights")))
-            if isinstance(job.options, EmbedOptions):
-                layers = resolve_layers(job.options.layers, int(ident["num_layers"]))
-                return EngineIdentity(
-                    model, int(ident["dim"]), int(ident["num_layers"]), layers, job.options.poolings
-                )
-            return EngineIdentity(model)
+            known = EngineIdentity.from_dict(ident)
+            if isinstance(job.options, EmbedOptions):  # this job's layers and poolings, on those weights
+                layers = resolve_layers(job.options.layers, known.num_layers)
+                return replace(known, layers=layers, poolings=job.options.poolings)
+            return EngineIdentity(known.model)
     return None
 
 
