@@ -32,6 +32,7 @@ from flows.errors import CliError, Interrupted, note_signal, report_interrupt
 from flows.progress import ProgressBar
 from flows.runlog import RunLog
 from storage import plans, results
+from storage.catalog import write_catalog
 from storage.ingest import ingest
 from storage.layout import Store
 from storage.runs import ComputeCounts, RunRecord, list_runs, load_run, run_path
@@ -195,6 +196,7 @@ def nothing_left(store: Store, job, identity: EngineIdentity) -> RunRecord | Non
     if todo.num_rows:
         return None
     run_id = job.run_id or run_id_for(job, job.ingest_run, identity)
+    write_catalog(store.root)  # an earlier attempt may have stopped after its last shard, before the catalog
     previous = load_run(store, run_id)
     if previous is not None and previous.status == "completed":
         return previous
