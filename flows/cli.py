@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from storage.catalog import ReadOnlyError, StoreFormatError
     from storage.fasta import InputError
+    from storage.objects import ObjectStoreError
     from storage.results import DamagedStoreError
 
     try:
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         StoreFormatError,
         DamagedStoreError,
+        ObjectStoreError,
     ) as exc:
         sys.stderr.write(f"proteoflow {args.command}: error: {exc}\n")
         return 2
@@ -220,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_store_arg(args: argparse.Namespace) -> None:
     """``--store`` must be a directory (or not exist yet): a file there fails in a dozen places otherwise."""
+    from storage.objects import as_path, is_uri
+
     store = getattr(args, "store", None)
-    if store and os.path.exists(store) and not os.path.isdir(store):
+    if store and is_uri(store):
+        as_path(store)  # an unknown scheme or a URI without a bucket: one line, before anything starts
+    elif store and os.path.exists(store) and not os.path.isdir(store):
         raise CliError(f"--store {store} is a file, not a store directory")
 
 

@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TextIO
 
 from esm_core.preflight import CheckpointInfo, inspect_checkpoint
@@ -35,6 +34,7 @@ from storage import plans, results
 from storage.catalog import write_catalog
 from storage.ingest import ingest
 from storage.layout import Store
+from storage.objects import ObjectPath, ObjectStoreError, StorePath, probe_writable
 from storage.runs import ComputeCounts, RunRecord, list_runs, load_run, run_path
 
 CHECKPOINT_KIND = {"embed": "esm", "fold": "esmfold", "score-variants": "esm", "predict": "esm"}
@@ -155,10 +155,17 @@ def _inside_flow_run() -> bool:
     return bool(context is not None and context.FlowRunContext.get() is not None)
 
 
-def check_writable(root: Path) -> None:
+def check_writable(root: StorePath) -> None:
     """A one-line CliError unless a file can be created in the store (or, for a store not made yet, in the
     directory that will hold it): a read-only mount or a directory without write permission fails here, in
-    well under a second, instead of after the ingest or once the model has loaded. Nothing is left behind."""
+    well under a second, instead of after the ingest or once the model has loaded. Nothing is left behind.
+    On an object store: one small object written and deleted (bad credentials, no bucket, no endpoint)."""
+    if isinstance(root, ObjectPath):
+        try:
+            probe_writable(root)
+        except ObjectStoreError as exc:
+            raise CliError(f"--store {root}: {exc}") from None
+        return
     target = root
     while not target.exists() and target != target.parent:
         target = target.parent

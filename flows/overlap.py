@@ -41,6 +41,8 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Crashed
 
+from storage.objects import as_path
+
 SLOT_LEASE_S = 60.0  # the server's least; a dead holder's slot frees itself this long after its last renewal
 RENEW_EVERY_S = SLOT_LEASE_S / 3
 POLL_S = 2.0
@@ -55,7 +57,7 @@ Logger = logging.Logger | logging.LoggerAdapter
 
 def slot_name(store: str | Path) -> str:
     """The name of a store's concurrency limit: the same for every path that resolves to the store."""
-    digest = hashlib.sha1(str(Path(store).resolve()).encode(), usedforsecurity=False).hexdigest()[:12]
+    digest = hashlib.sha1(str(as_path(store).resolve()).encode(), usedforsecurity=False).hexdigest()[:12]
     return f"proteoflow-store-{digest}"
 
 
@@ -91,7 +93,7 @@ class StoreGuard:
     def __init__(
         self, store: str | Path, logger: Logger, flow_names: list[str], flow_run_id: UUID | None = None
     ) -> None:
-        self.store = str(Path(store).resolve())
+        self.store = str(as_path(store).resolve())
         self.flow_names = flow_names  # the flows whose runs share stores (the scheduled flows)
         self.name = slot_name(self.store)
         self.logger = logger

@@ -26,6 +26,7 @@ from prefect.states import State
 from flows.job import Job
 from flows.run_summary import facts
 from storage.layout import Store
+from storage.objects import as_path
 from storage.runs import ComputeCounts, RunRecord
 
 Logger = logging.Logger | logging.LoggerAdapter
@@ -95,7 +96,7 @@ def summarize(kind: str, job: Job, outcome: Outcome, state: State, report: Path 
         "status": outcome.status,
         "message": state.message or outcome.message,
         "run_id": record.run_id if record is not None else None,
-        "store": str(Path(job.store).resolve()),
+        "store": str(as_path(job.store).resolve()),
         "incoming": job.inputs[0],
         "model": job.model,
         "counts": _counts(counts),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+
+from storage.objects import ObjectPath, StorePath
 
 QUIET_ENV = {
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",  # Prefect's INFO lines and its own tracebacks
@@ -43,11 +44,16 @@ class RunLog(logging.Handler):
         logging, which replaces the handlers of the loggers it names)."""
         _attach(self)
 
-    def save(self, path: Path) -> None:
-        """Append what was logged to ``path`` (one file per run, every attempt appended)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write("\n".join(self.lines) + "\n")
+    def save(self, path: StorePath) -> None:
+        """Append what was logged to ``path`` (one file per run, every attempt appended; on an object store,
+        which cannot append, the object is rewritten whole with the new lines at its end)."""
+        text = "\n".join(self.lines) + "\n"
+        if isinstance(path, ObjectPath):
+            path.write_text((path.read_text(errors="replace") if path.exists() else "") + text)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(text)
         self.lines.clear()
 
 

@@ -36,6 +36,7 @@ from prefect.states import Completed, Failed, State
 from flows.job import Job, PoolOptions
 from flows.overlap import StoreGuard
 from flows.publish import Outcome, publish
+from storage.objects import as_path
 from storage.runs import ComputeCounts
 
 KINDS = ("embed", "fold")
@@ -92,7 +93,7 @@ def parameters_for(job: Job, incoming: str, notify: str | None = None) -> dict[s
     :func:`job_for`); paths are made absolute, since the runs may start in another directory."""
     params = {
         "incoming": str(Path(incoming).resolve()),
-        "store": str(Path(job.store).resolve()),
+        "store": str(as_path(job.store).resolve()),
         "model": _absolute_if_local(job.model),
         "engine_options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(job.options).items()},
         "min_length": job.min_length,

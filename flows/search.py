@@ -10,9 +10,9 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-import pyarrow.parquet as pq
 
 from flows.errors import CliError
+from storage import objects
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import Store
 from storage.vectors import VectorSet, fetch, resolve
@@ -68,7 +68,7 @@ def _run_checkpoints(vs: VectorSet) -> list[str]:
     """The --model values of the embed runs that computed this set's weights, newest first."""
     found = []
     for path in sorted(Store(vs.root).table_dir("runs").glob("*.parquet"), key=lambda p: -p.stat().st_mtime):
-        for row in pq.read_table(path, columns=["kind", "params"]).to_pylist():
+        for row in objects.read_table(path, columns=["kind", "params"]).to_pylist():
             params = json.loads(row["params"] or "{}")
             if row["kind"] == "embed" and params.get("identity", {}).get("sha") == vs.model_sha:
                 found.append(params.get("model"))
@@ -126,7 +126,7 @@ def _con_files(store: Store, table: str) -> tuple[duckdb.DuckDBPyConnection, str
     files = store.files(table)
     if not files:
         return None
-    return duckdb.connect(":memory:"), f"read_parquet({file_list(files)})"
+    return objects.duckdb_connection(), f"read_parquet({file_list(files)})"
 
 
 def _quoted(values: list[str]) -> str:

@@ -30,8 +30,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
+from storage import objects
 from storage.layout import FORMAT_VERSION, Store, write_bytes_atomic
 from storage.schemas import HIVE_TABLES, MODEL_DIR_TABLES, TABLE_SCHEMAS
 
@@ -172,7 +172,7 @@ def _footer_schema(path: Path) -> pa.Schema:
     """The Arrow schema in a Parquet file's footer; raises on a file that cannot be Parquet."""
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
-    return pq.read_metadata(path).schema.to_arrow_schema()
+    return objects.parquet_file(path).metadata.schema.to_arrow_schema()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -339,7 +339,7 @@ def write_catalog(root: str | Path) -> Path:
 
     Call after a change that adds a table's first file or a new model directory: other new files already
     match the globs."""
-    path = Path(root) / CATALOG_FILE
+    path = Store(root).root / CATALOG_FILE
     write_bytes_atomic(path, (USAGE + ";\n".join(catalog_statements(root)) + ";\n").encode())
     return path
 
@@ -358,14 +358,14 @@ class Catalog:
 def _dataset(store: Store, table: str, schema: pa.Schema, paths: list[Path]) -> ds.Dataset:
     """A pyarrow dataset over sound files, typed by their merged schema (run_id from the directory)."""
     if table not in HIVE_TABLES:
-        return ds.dataset([str(p) for p in paths], schema=schema, format="parquet")
+        return objects.dataset(paths, schema=schema, format="parquet")
     run_id = pa.schema([("run_id", pa.string())])
-    return ds.dataset(
-        [str(p) for p in paths],
+    return objects.dataset(
+        paths,
         schema=schema.append(run_id.field(0)) if "run_id" not in schema.names else schema,
         format="parquet",
         partitioning=ds.partitioning(run_id, flavor="hive"),
-        partition_base_dir=str(store.table_dir(table)),
+        partition_base_dir=objects.native(store.table_dir(table)),
     )
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from storage import objects
 from storage.catalog import (
     CATALOG_FILE,
     StoreFormatError,
@@ -405,7 +405,7 @@ def _read_through(path: Path) -> tuple[pa.Schema, dict[bytes, bytes], int, int] 
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-        pf = pq.ParquetFile(path)
+        pf = objects.parquet_file(path)
         md = pf.metadata
         for rg in range(md.num_row_groups):
             group = md.row_group(rg)
@@ -540,7 +540,7 @@ def _load_records(scan: _Scan) -> None:
     for f in scan.usable["shards"]:
         run_id = f.path.parent.name.removeprefix("run_id=")
         try:
-            rows = pq.read_table(f.path).to_pylist()
+            rows = objects.read_table(f.path).to_pylist()
             if len(rows) != 1:
                 raise ValueError(f"holds {len(rows)} rows, a shard record holds one")
             row = rows[0]
@@ -645,7 +645,7 @@ def _key_sql(table: str) -> tuple[str, list[str], str]:
 
 
 def _con() -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     con.execute("SET threads = 2")
     return con
 

@@ -8,6 +8,7 @@ before the first ``>``, a truncated gzip) raise :class:`InputError` with a one-l
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import sys
 import zlib
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
+
+from storage.objects import ObjectStoreError, as_path, is_uri
 
 BLOCK_SIZE = 1 << 22
 FASTA_SUFFIXES = (".fa", ".fasta", ".faa", ".fas", ".pep", ".aa", ".fsa")
@@ -59,6 +62,11 @@ def resolve_sources(inputs: list[str]) -> tuple[list[Source], list[str]]:
         if item == "-":
             sources.append(Source("-"))
             continue
+        if is_uri(item):
+            found_remote, skipped_remote = _object_sources(item)
+            sources += found_remote
+            skipped += skipped_remote
+            continue
         path = Path(item)
         if path.is_dir():
             found = []
@@ -79,10 +87,33 @@ def resolve_sources(inputs: list[str]) -> tuple[list[Source], list[str]]:
     return sources, skipped
 
 
+def _object_sources(item: str) -> tuple[list[Source], list[str]]:
+    """An object-store input: one object, or every FASTA object under a prefix (sorted); read by streaming."""
+    try:
+        path = as_path(item)
+        if path.is_file():
+            return [Source(str(path))], []
+        found, skipped = [], []
+        for child in sorted(path.rglob("*")):
+            if child.is_file():
+                (found if is_fasta_name(child) else skipped).append(str(child))  # type: ignore[arg-type]
+    except (OSError, ObjectStoreError, pa.ArrowException) as exc:
+        raise InputError(f"{item}: cannot read ({' '.join(str(exc).split())[:200]})") from None
+    if not found:
+        raise InputError(f"{item}: no such object, and no FASTA objects under it")
+    return [Source(f) for f in found], skipped
+
+
 def _open_binary(source: Source) -> tuple[BinaryIO, BinaryIO]:
     """Open a source as ``(stream, raw)``, decompressing gzip (detected by magic, not suffix)."""
     if source.is_stdin:
         raw: BinaryIO = sys.stdin.buffer
+    elif is_uri(source.name):
+        try:
+            path = as_path(source.name)
+            raw = io.BufferedReader(path.fs.open_input_stream(path.location))  # type: ignore[union-attr,arg-type]
+        except (OSError, ObjectStoreError) as exc:
+            raise InputError(f"{source.name}: cannot open: {' '.join(str(exc).split())[:200]}") from None
     else:
         try:
             raw = open(source.name, "rb")  # noqa: SIM115 - closed by iter_record_chunks
@@ -176,7 +207,7 @@ def iter_record_chunks(source: Source, on_bytes: Callable[[int], None] | None = 
 
 def is_plain_file(source: Source) -> bool:
     """A regular, uncompressed file with LF line ends: its chunks can be read by offset, in parallel."""
-    if source.is_stdin or not os.path.isfile(source.name):
+    if source.is_stdin or is_uri(source.name) or not os.path.isfile(source.name):
         return False
     with open(source.name, "rb") as fh:
         head = fh.read(1 << 16)

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage import objects
 from storage.catalog import write_catalog
 from storage.fasta import (
     InputError,
@@ -42,6 +43,7 @@ from storage.fasta import (
 from storage.layout import ParquetSink, Store, staging
 from storage.locks import StoreLock
 from storage.normalize import NUCLEOTIDE_LETTERS
+from storage.objects import is_uri
 from storage.records import process_chunk, process_file_chunk
 from storage.runs import IngestCounts, RunRecord, load_run
 from storage.schemas import MEMBER_SCHEMA, REJECTED_SCHEMA, SEQUENCE_SCHEMA
@@ -127,7 +129,7 @@ class StoreHashes:
     def __init__(self, files: list[Path]) -> None:
         self.groups: list[tuple[pq.ParquetFile, int, str, str]] = []
         for path in files:
-            pf = pq.ParquetFile(path)
+            pf = objects.parquet_file(path)
             col = pf.schema_arrow.get_field_index("seq_hash")
             for rg in range(pf.metadata.num_row_groups):
                 stats = pf.metadata.row_group(rg).column(col).statistics
@@ -194,6 +196,9 @@ def ingest(
 
 def _remove_new_store(store: Store, existed: bool) -> None:
     """Undo ``Store.ensure`` after a failed first ingest, never touching what was in the directory before."""
+    if store.remote:  # nothing but the manifest is written before the commit
+        (store.root / "proteoflow.json").unlink(missing_ok=True)
+        return
     if not existed:
         shutil.rmtree(store.root, ignore_errors=True)
         return
@@ -312,7 +317,10 @@ def default_workers(sources: list[Source]) -> int:
     cpus = min(os.cpu_count() or 1, 8)
     if cpus < 2:
         return 0
-    total = sum(0 if s.is_stdin else os.path.getsize(s.name) for s in sources)
+    remote = any(is_uri(s.name) for s in sources)  # streamed: one reader, whatever the size
+    total = sum(0 if s.is_stdin or is_uri(s.name) else os.path.getsize(s.name) for s in sources)
+    if remote:
+        return 0
     return cpus if any(s.is_stdin for s in sources) or total >= PARALLEL_MIN_BYTES else 0
 
 
@@ -495,8 +503,8 @@ def _without_newer(store: Store, deduped: _Deduped) -> None:
     newer = [p for p in store.files("sequences") if p not in deduped.seen and p != final]
     if not newer or not deduped.counts.new_sequences:
         return
-    theirs = pa.concat_tables(pq.read_table(p, columns=["seq_hash"]) for p in newer).column(0)
-    ours = pq.read_table(deduped.sink.temp)
+    theirs = pa.concat_tables(objects.read_table(p, columns=["seq_hash"]) for p in newer).column(0)
+    ours = objects.read_table(deduped.sink.temp)
     keep = pc.invert(pc.is_in(ours.column("seq_hash"), value_set=theirs))
     kept = ours.filter(keep)
     dropped = ours.num_rows - kept.num_rows

@@ -1,8 +1,10 @@
-"""The store on disk: where each table's Parquet files live and how they are written atomically.
+"""The store: where each table's Parquet files live and how they are written atomically.
 
-Every file is written under a hidden temporary name in its final directory, fsync'ed, then renamed into
-place, so a reader (DuckDB globs ``*.parquet``) never sees a half-written file and a crash leaves only
-hidden debris that the next writer sweeps away.
+On a local disk or shared mount every file is written under a hidden temporary name in its final directory,
+fsync'ed, then renamed into place, so a reader (DuckDB globs ``*.parquet``) never sees a half-written file and
+a crash leaves only hidden debris that the next writer sweeps away. On an object store (``s3://bucket/prefix``,
+see :mod:`storage.objects`) the file is finished locally and uploaded once under its final key: an upload
+becomes visible whole when it completes, so the same guarantee holds with nothing to sweep.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +26,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.objects import ObjectPath, StorePath, as_path
+
 FORMAT_VERSION = 1
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 1  # as small as level 3 on this data (measured), a third faster to write
@@ -30,7 +35,7 @@ ROW_GROUP_ROWS = 65_536
 
 
 class Store:
-    """A directory holding the Parquet tables of one proteoflow store."""
+    """A directory (local path or object-store prefix) holding the Parquet tables of one proteoflow store."""
 
     TABLES = (
         "sequences",
@@ -50,45 +55,57 @@ class Store:
         "clusters",
     )
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str] | ObjectPath) -> None:
+        self.root: StorePath = as_path(root)
 
-    def table_dir(self, table: str) -> Path:
+    @property
+    def remote(self) -> bool:
+        """True when the store lives on an object store (no renames, no local locks)."""
+        return isinstance(self.root, ObjectPath)
+
+    def table_dir(self, table: str) -> StorePath:
         return self.root / table
 
-    def run_dir(self, table: str, run_id: str) -> Path:
+    def run_dir(self, table: str, run_id: str) -> StorePath:
         """A run's partition of a hive-partitioned table (members, rejected, shards): ``<table>/run_id=<id>``."""
         return self.table_dir(table) / f"run_id={run_id}"
 
-    def plan_path(self, run_id: str) -> Path:
+    def plan_path(self, run_id: str) -> StorePath:
         """A compute run's shard plan."""
         return self.root / "plans" / f"{run_id}.parquet"
 
-    def shard_record_path(self, run_id: str, shard_id: int) -> Path:
+    def shard_record_path(self, run_id: str, shard_id: int) -> StorePath:
         """A compute run's record of one shard (status, tries, outputs)."""
         return self.run_dir("shards", run_id) / f"shard-{shard_id:05d}.parquet"
 
-    def shard_rejections_path(self, run_id: str, shard_id: int) -> Path:
+    def shard_rejections_path(self, run_id: str, shard_id: int) -> StorePath:
         """The rejected rows of one shard's sequences that always failed to compute."""
         return self.run_dir("rejected", run_id) / f"shard-{shard_id:05d}.parquet"
 
-    def log_path(self, run_id: str) -> Path:
+    def log_path(self, run_id: str) -> StorePath:
         """The full log of a run's attempts (the terminal shows only progress and the summary)."""
         return self.root / "logs" / f"{run_id}.log"
 
-    def quarantine(self, path: Path, reason: str) -> Path:
+    def quarantine(self, path: StorePath, reason: str) -> StorePath:
         """Move a damaged or stray file out of the tables into ``quarantine/`` with a note saying why: the
         views stop reading it, and nothing is ever deleted."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         target = self.root / "quarantine" / f"{stamp}-{uuid.uuid4().hex[:6]}" / path.relative_to(self.root)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
+        if isinstance(path, ObjectPath):
+            path.replace(target)
+        else:
+            os.replace(path, target)
         target.with_name(target.name + ".why").write_text(reason.rstrip() + "\n")
         return target
 
     def staging_dir(self, name: str) -> Path:
-        """A private scratch directory inside the store (same filesystem, so renames are atomic)."""
-        path = self.root / ".staging" / f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        """A private scratch directory: inside the store on a local disk (same filesystem, so renames are
+        atomic), in the local temporary directory for an object store (files are uploaded from there)."""
+        leaf = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if isinstance(self.root, ObjectPath):
+            return Path(tempfile.mkdtemp(prefix=f"proteoflow-{leaf}-"))
+        path = self.root / ".staging" / leaf
         path.mkdir(parents=True, exist_ok=False)
         return path
 
@@ -107,7 +124,7 @@ class Store:
     def exists(self) -> bool:
         return (self.root / "proteoflow.json").exists()
 
-    def files(self, table: str) -> list[Path]:
+    def files(self, table: str) -> list[StorePath]:
         """The committed Parquet files of a table (hidden temporaries excluded)."""
         base = self.table_dir(table)
         if not base.exists():
@@ -118,6 +135,8 @@ class Store:
         """Remove hidden temporary files left by writers that died (host-aware, like :meth:`sweep_staging`)
         from every directory of the store but ``quarantine/``; returns how many."""
         removed = 0
+        if isinstance(self.root, ObjectPath):
+            return 0  # nothing is ever written to an object store under a temporary name
         for path in self.root.rglob(".*.tmp"):
             if "quarantine" not in path.relative_to(self.root).parts[:1] and dead_temporary(path, max_age_s):
                 path.unlink(missing_ok=True)
@@ -127,7 +146,7 @@ class Store:
     def sweep_staging(self, max_age_s: float = 24 * 3600) -> None:
         """Remove staging directories of writers that died: dead pids on this host, or older than ``max_age_s``."""
         staging = self.root / ".staging"
-        if not staging.exists():
+        if isinstance(staging, ObjectPath) or not staging.exists():
             return
         host = socket.gethostname()
         for entry in staging.iterdir():
@@ -196,8 +215,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def commit(temp: Path, final: Path) -> None:
-    """Atomically move a finished file into place (same filesystem), durable across a crash."""
+def commit(temp: Path, final: StorePath) -> None:
+    """Atomically move a finished file into place (same filesystem), durable across a crash; on an object
+    store, upload it once under its final key and remove the local file."""
+    if isinstance(final, ObjectPath):
+        final.upload(temp)
+        temp.unlink(missing_ok=True)
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(temp, "rb") as fh:
         os.fsync(fh.fileno())
@@ -205,8 +229,11 @@ def commit(temp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a small file atomically (temp file + rename)."""
+def write_bytes_atomic(path: StorePath, data: bytes) -> None:
+    """Write a small file atomically (temp file + rename; one whole-object upload on an object store)."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_name(path)
     temp.write_bytes(data)
@@ -227,7 +254,7 @@ class ParquetSink:
 
     def __init__(
         self,
-        path: Path,
+        path: StorePath,
         schema: pa.Schema,
         kind: str,
         provenance: dict | None = None,
@@ -235,7 +262,10 @@ class ParquetSink:
         background: bool = False,
     ) -> None:
         self.final = path
-        self.temp = path if path.name.startswith(".") else _temp_name(path)
+        if isinstance(path, ObjectPath):  # finished locally, uploaded once by commit()
+            self.temp = _temp_name(Path(tempfile.gettempdir()) / path.name)
+        else:
+            self.temp = path if path.name.startswith(".") else _temp_name(path)
         self.temp.parent.mkdir(parents=True, exist_ok=True)
         self.schema = schema.with_metadata(file_metadata(kind, provenance or {}))
         self.row_group_rows = row_group_rows
@@ -294,7 +324,7 @@ class ParquetSink:
         self._writer.close()
         return self.temp
 
-    def commit(self, final: Path | None = None) -> Path:
+    def commit(self, final: StorePath | None = None) -> StorePath:
         """Rename the closed file into its final place."""
         target = final or self.final
         commit(self.temp, target)
@@ -310,7 +340,9 @@ class ParquetSink:
         self.temp.unlink(missing_ok=True)
 
 
-def write_table_atomic(path: Path, table: pa.Table, kind: str, provenance: dict | None = None) -> Path:
+def write_table_atomic(
+    path: StorePath, table: pa.Table, kind: str, provenance: dict | None = None
+) -> StorePath:
     """Write a whole table to ``path`` atomically."""
     sink = ParquetSink(path, table.schema, kind, provenance)
     try:
@@ -330,5 +362,6 @@ def staging(store: Store, name: str) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()  # only succeeds when no other writer is staging
+        if path.parent.name == ".staging":
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only succeeds when no other writer is staging

@@ -1,7 +1,11 @@
 """Coordination between writers of one store, on a local disk or a shared file system, from one host or many.
 
 Two mechanisms, both plain files under ``locks/`` and ``leases/`` created with ``O_CREAT | O_EXCL`` (atomic
-on local and network file systems; an object store's conditional put is the same idea):
+on local and network file systems). An object store has no exclusive create that pyarrow can ask for, so
+there a lock is taken by *write, then list*: each contender writes its own ``<name>.lock.<token>`` object,
+then lists them all, and keeps the lock only when its own is the only one (else it deletes its object and
+waits a random while). With read-after-write listing (S3, GCS and SeaweedFS all give it) two contenders
+can never both see only their own: whoever lists second sees the first's object.
 
 - :class:`StoreLock`: a short critical section (a commit that must see everything committed before it). A
   holder that died is detected (dead pid on this host) or outlives ``stale_s``, and its lock is broken.
@@ -14,14 +18,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from storage.layout import Store, _pid_alive, write_bytes_atomic
+from storage.objects import ObjectPath, StorePath
 
 LOCK_STALE_S = 120.0  # a commit never holds the lock this long; a holder that did is presumed dead
 LEASE_TTL_S = 60.0
@@ -52,7 +57,7 @@ class Owner:
         return f"pid {self.pid} on {self.host}"
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: StorePath) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
@@ -68,12 +73,23 @@ class StoreLock:
         self.path = store.root / "locks" / f"{name}.lock"
         self.timeout_s, self.stale_s = timeout_s, stale_s
         self.owner = Owner.me()
+        self._object: ObjectPath | None = None  # the object that holds the lock on an object store
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.timeout_s
         delay = 0.01
         while True:
+            if isinstance(self.path, ObjectPath):
+                if self._acquire_object():
+                    return
+                if time.monotonic() > deadline:
+                    raise LockTimeout(
+                        f"{self.path.name} held by another writer for over {self.timeout_s:.0f} s"
+                    )
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+                continue
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -89,6 +105,21 @@ class StoreLock:
                 json.dump({**asdict(self.owner), "acquired": time.time()}, fh)
             return
 
+    def _acquire_object(self) -> bool:
+        """One try of write-then-list on an object store; True when the lock is ours."""
+        mine = self.path.with_name(f"{self.path.name}.{self.owner.token}")
+        mine.write_bytes(json.dumps({**asdict(self.owner), "acquired": time.time()}).encode())
+        others = [p for p in self.path.parent.glob(f"{self.path.name}.*") if p != mine]
+        if not others:
+            self._object = mine
+            return True
+        mine.unlink(missing_ok=True)
+        for other in others:  # a holder that outlived stale_s is presumed dead (no pid check across hosts)
+            data = _read_json(other)
+            if data is not None and time.time() - float(data.get("acquired", 0)) > self.stale_s:
+                other.unlink(missing_ok=True)
+        return False
+
     def _break_if_stale(self) -> str:
         """Remove the lock file when its holder is dead or it is older than ``stale_s``; say who holds it."""
         data = _read_json(self.path)
@@ -103,6 +134,10 @@ class StoreLock:
         return holder.describe()
 
     def release(self) -> None:
+        if self._object is not None:
+            self._object.unlink(missing_ok=True)
+            self._object = None
+            return
         if (_read_json(self.path) or {}).get("token") == self.owner.token:
             self.path.unlink(missing_ok=True)
 

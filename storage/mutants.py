@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 
+from storage import objects
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import Store, write_table_atomic
 from storage.results import ModelIdentity, model_dir
@@ -38,7 +38,7 @@ def named_records(store: Store, ingest_run: str, ids: list[str]) -> pa.Table:
     )  # fmt: skip
     if not members or not sequences or not ids:
         return empty.empty_table()
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     con.register("wanted", pa.table({"seq_id": pa.array(sorted(set(ids)), pa.string())}))
     return fetch_arrow(
         con,
@@ -57,7 +57,7 @@ def input_hashes(store: Store, ingest_run: str) -> set[str]:
     if not members:
         return set()
     sql = f"SELECT DISTINCT seq_hash FROM read_parquet({file_list(members)})"
-    return set(fetch_arrow(duckdb.connect(":memory:"), sql).column(0).to_pylist())
+    return set(fetch_arrow(objects.duckdb_connection(), sql).column(0).to_pylist())
 
 
 def read_saturation(store: Store, model: ModelIdentity, method: str, hashes: list[str]) -> pa.Table:
@@ -71,7 +71,7 @@ def read_saturation(store: Store, model: ModelIdentity, method: str, hashes: lis
     )  # fmt: skip
     if not files or not hashes:
         return columns.empty_table()
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     con.register("wanted", pa.table({"seq_hash": pa.array(sorted(set(hashes)), pa.string())}))
     return fetch_arrow(
         con,

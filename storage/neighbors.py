@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from storage import objects
 from storage.catalog import fetch_arrow, file_list, write_catalog
 from storage.layout import write_table_atomic
 from storage.schemas import CLUSTERS_SCHEMA, NEIGHBORS_SCHEMA
@@ -45,7 +44,7 @@ def done_hashes(vs: VectorSet, k: int, min_cosine: float | None = None) -> pa.Ar
     files = vs.files("neighbors")
     if not files:
         return pa.array([], pa.string())
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     sql = (
         f"SELECT DISTINCT seq_hash FROM read_parquet({file_list(files)}) WHERE {_key_sql(vs, k, min_cosine)}"
     )
@@ -57,7 +56,7 @@ def read_neighbors(vs: VectorSet, k: int, min_cosine: float | None = None, colum
     files = vs.files("neighbors")
     if not files:
         return NEIGHBORS_SCHEMA.empty_table()
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     sql = f"SELECT {columns} FROM read_parquet({file_list(files)}) WHERE {_key_sql(vs, k, min_cosine)}"
     return fetch_arrow(con, sql)
 
@@ -198,7 +197,7 @@ def _update_existing(
 ) -> int:
     """Rewrite the lists of done sequences that new sequences (``keys``, unit ``matrix``) enter: one exact
     pass of the done vectors against the new ones. Returns how many lists changed."""
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     files = vs.files("neighbors")
     source = f"read_parquet({file_list(files)}, filename=true)"
     where = _key_sql(vs, k, min_cosine)
@@ -251,7 +250,7 @@ def _drop_rows(
     """Remove this key's rows of ``hashes`` from the given part files, each rewritten atomically."""
     for name in files:
         path = Path(name)
-        table = pq.read_table(path)
+        table = objects.read_table(path)
         mask = pc.and_(
             pc.is_in(table.column("seq_hash"), value_set=hashes),
             pc.and_(pc.equal(table.column("k"), k), pc.equal(table.column("layer"), vs.layer)),

@@ -18,6 +18,7 @@ import fnmatch
 import functools
 import io
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -68,7 +69,7 @@ class ObjectStat:
 class ObjectPath:
     """A key (or key prefix) in an object-store bucket, with pathlib's names for what the store does."""
 
-    __slots__ = ("scheme", "bucket", "key")
+    __slots__ = ("scheme", "bucket", "key", "_known")
 
     def __init__(self, uri: str) -> None:
         match = _URI.match(uri)
@@ -82,6 +83,7 @@ class ObjectPath:
         self.scheme = match["scheme"].lower()
         self.bucket = bucket
         self.key = "/".join(p for p in key.split("/") if p not in ("", "."))
+        self._known: pafs.FileInfo | None = None  # set for entries found by a listing: no second request
 
     # -- pure path operations -------------------------------------------------------------------------------
 
@@ -158,7 +160,7 @@ class ObjectPath:
     # -- what exists ----------------------------------------------------------------------------------------
 
     def _info(self) -> pafs.FileInfo:
-        return self.fs.get_file_info(self.location)
+        return self._known or self.fs.get_file_info(self.location)
 
     def exists(self) -> bool:
         return self._info().type != pafs.FileType.NotFound
@@ -181,7 +183,9 @@ class ObjectPath:
         return self.fs.get_file_info(selector)
 
     def _child(self, info: pafs.FileInfo) -> ObjectPath:
-        return ObjectPath(f"{self.scheme}://{info.path}")
+        child = ObjectPath(f"{self.scheme}://{info.path}")
+        child._known = info
+        return child
 
     def iterdir(self) -> Iterator[ObjectPath]:
         for info in self._list(recursive=False):
@@ -276,6 +280,27 @@ def as_path(root: str | Path | ObjectPath) -> StorePath:
     if is_uri(text):
         return ObjectPath(text)
     return Path(text.removeprefix("file://"))
+
+
+def probe_writable(root: ObjectPath) -> None:
+    """Write and delete one small object under ``root``; ObjectStoreError (one line) when that fails: no
+    endpoint, bad credentials, no bucket or no permission, found before any work starts."""
+    probe = root / f".proteoflow-write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink(missing_ok=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise ObjectStoreError(f"cannot write ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 240 else text[:239] + "…"
+
+
+def native(path: StorePath) -> str:
+    """The path as its own file system names it (``bucket/key`` on an object store)."""
+    return path.location if isinstance(path, ObjectPath) else str(path)
 
 
 def read_table(path: StorePath, **kwargs: Any) -> pa.Table:

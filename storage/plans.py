@@ -13,11 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from storage import objects
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import ParquetSink, Store
 from storage.locks import leases
@@ -54,7 +53,7 @@ class Plan:
 
     def hashes(self, shard_ids: list[int] | None = None) -> pa.Array:
         """The planned ``seq_hash`` values (of the given shards, or all)."""
-        pf = pq.ParquetFile(self.path)
+        pf = objects.parquet_file(self.path)
         if shard_ids is None:
             return pf.read(columns=["seq_hash"]).column(0).combine_chunks()
         if not shard_ids:
@@ -64,7 +63,7 @@ class Plan:
 
     def items(self, shard_id: int) -> list[tuple[str, str]]:
         """The ``(seq_hash, sequence)`` pairs of one shard (one row group of the plan file)."""
-        table = pq.ParquetFile(self.path).read_row_group(
+        table = objects.parquet_file(self.path).read_row_group(
             shard_id - self.first_shard, columns=["seq_hash", "sequence"]
         )
         return list(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
@@ -75,7 +74,7 @@ def pending_sequences(store: Store, ingest_runs: list[str], exclude: pa.Array) -
     members = [p for run in ingest_runs for p in store.run_dir("members", run).glob("*.parquet")]
     if not members:
         return PLAN_SCHEMA.empty_table().drop_columns(["shard_id"])
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     con.register("excluded", pa.table({"seq_hash": exclude.cast(pa.string())}))
     return fetch_arrow(
         con,
@@ -131,7 +130,7 @@ def load_plan(store: Store, run_id: str, cost: Callable[[int], float]) -> Plan |
     path = store.plan_path(run_id)
     if not path.exists():
         return None
-    pf = pq.ParquetFile(path)
+    pf = objects.parquet_file(path)
     provenance = json.loads((pf.schema_arrow.metadata or {}).get(b"proteoflow.provenance", b"{}"))
     first = int(provenance.get("first_shard", 0))
     shards: dict[int, ShardSummary] = {}
@@ -154,5 +153,5 @@ def claimed_by_others(store: Store, model_sha: str, run_id: str) -> pa.Array:
         if lease.run_id != run_id and lease.live():
             path = store.plan_path(lease.run_id)
             if path.exists():
-                claimed.append(pq.read_table(path, columns=["seq_hash"]).column(0).combine_chunks())
+                claimed.append(objects.read_table(path, columns=["seq_hash"]).column(0).combine_chunks())
     return pa.concat_arrays(claimed)

@@ -8,16 +8,18 @@ row of a sequence (layer and pooling, say) is ``storage.schemas.ROW_KEYS``.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage import objects
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import Store, safe_name, write_table_atomic
+from storage.objects import StorePath, read_table
 from storage.schemas import ROW_KEYS
 
 
@@ -95,7 +97,7 @@ def _has_all_keys(store: Store, model: ModelIdentity, rows: ResultRows) -> pa.Ar
         f"SELECT seq_hash FROM read_parquet({file_list(files)}) WHERE {_identity_filter(model)} "
         f"AND ({key}) IN ({wanted}) GROUP BY seq_hash HAVING count(DISTINCT {key}) = {len(set(rows.keys))}"
     )
-    return fetch_arrow(duckdb.connect(":memory:"), sql).column(0).combine_chunks()
+    return fetch_arrow(objects.duckdb_connection(), sql).column(0).combine_chunks()
 
 
 def done_hashes(store: Store, model: ModelIdentity, wanted: list[ResultRows]) -> pa.Array:
@@ -107,13 +109,17 @@ def done_hashes(store: Store, model: ModelIdentity, wanted: list[ResultRows]) ->
     return done if done is not None else pa.array([], pa.string())
 
 
-def existing_keys(store: Store, table: str, model: ModelIdentity, hashes: pa.Array) -> set[str]:
+def existing_keys(
+    store: Store, table: str, model: ModelIdentity, hashes: pa.Array, skip: Collection[StorePath] = ()
+) -> set[str]:
     """``seq_hash/key`` of rows already stored for the given sequences: a shard drops these before writing,
-    so adding a layer or pooling to a later run never duplicates the rows an earlier run wrote."""
-    files = _result_files(store, table, model)
+    so adding a layer or pooling to a later run never duplicates the rows an earlier run wrote. Files in
+    ``skip`` (a shard's own outputs) are not read."""
+    skipped = set(skip)
+    files = [p for p in _result_files(store, table, model) if p not in skipped]
     if not files or not len(hashes):
         return set()
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     con.register("wanted", pa.table({"seq_hash": hashes}))
     sql = (
         f"SELECT DISTINCT seq_hash || '/' || ({ROW_KEYS[table].sql()}) FROM read_parquet({file_list(files)}) "
@@ -149,6 +155,26 @@ def write_shard_outputs(
             OutputFile(table, path.relative_to(store.root).as_posix(), rows.num_rows, path.stat().st_size)
         )
     return outputs
+
+
+def rewrite_without_existing(
+    store: Store, run_id: str, shard_id: int, outputs: list[OutputFile], existing: dict[str, set[str]]
+) -> list[OutputFile]:
+    """A shard's committed outputs, each rewritten (atomically, same path) without the rows ``existing``
+    names, where it holds any; the manifest of the files as they now are. For a run whose lease lapsed
+    after its actor wrote the shard: another run may have stored some of those rows meanwhile."""
+    kept = []
+    for out in outputs:
+        path = store.root / out.path
+        rows = read_table(path)
+        fewer = without_existing(rows, out.table, existing.get(out.table, set()))
+        if fewer.num_rows == rows.num_rows:
+            kept.append(out)
+            continue
+        provenance = {"run_id": run_id, "shard_id": shard_id}
+        write_table_atomic(path, fewer.replace_schema_metadata(None), out.table, provenance)
+        kept.append(OutputFile(out.table, out.path, fewer.num_rows, path.stat().st_size))
+    return kept
 
 
 def missing_outputs(store: Store, outputs: list[OutputFile]) -> list[str]:

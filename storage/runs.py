@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from storage import objects
 from storage.layout import Store, write_table_atomic
 from storage.schemas import RUN_SCHEMA
 
@@ -75,6 +75,11 @@ class ComputeCounts:
     fallbacks: int = 0
     compute_seconds: float = 0.0
     residues_per_s: float = 0.0
+    # Bytes of the shards computed: what the actors returned to the driver (their pickled manifests), and
+    # the Arrow size of the result tables they wrote to the store themselves (what the driver received when
+    # it wrote the outputs). Records written before these counters existed read back as 0.
+    driver_bytes: int = 0
+    result_bytes: int = 0
     outputs: str = ""
     placements: list[dict] = field(default_factory=list)
     ingest: dict = field(default_factory=dict)
@@ -141,7 +146,7 @@ def load_run(store: Store, run_id: str) -> RunRecord | None:
     path = run_path(store, run_id)
     if not path.exists():
         return None
-    row = pq.read_table(path).to_pylist()[0]
+    row = objects.read_table(path).to_pylist()[0]
     return RunRecord(
         run_id=row["run_id"],
         kind=row["kind"],

@@ -11,8 +11,8 @@ from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from storage import objects
 from storage.layout import Store, write_table_atomic
 from storage.results import ModelIdentity, OutputFile, missing_outputs, shard_path
 from storage.runs import utcnow
@@ -52,7 +52,7 @@ def load_shard_records(store: Store, run_id: str) -> dict[int, ShardRecord]:
     """Every readable shard record of a run, by shard id."""
     records = {}
     for path in sorted(store.run_dir("shards", run_id).glob("shard-*.parquet")):
-        row = pq.read_table(path).to_pylist()[0]
+        row = objects.read_table(path).to_pylist()[0]
         row["outputs"] = [OutputFile(**o) for o in row.get("outputs") or []]
         row["plan_id"] = row.get("plan_id") or ""
         records[row["shard_id"]] = ShardRecord(
@@ -112,7 +112,7 @@ def _members(store: Store, ingest_run: str) -> pa.Table:
     files = list(store.run_dir("members", ingest_run).glob("*.parquet"))
     if not files:
         return MEMBER_SCHEMA.empty_table()
-    return pa.concat_tables(pq.read_table(f, columns=MEMBER_SCHEMA.names) for f in files)
+    return pa.concat_tables(objects.read_table(f, columns=MEMBER_SCHEMA.names) for f in files)
 
 
 def write_compute_rejections(
@@ -141,7 +141,7 @@ def rejected_hashes(store: Store, run_id: str, ingest_run: str) -> set[str]:
     files = sorted(store.run_dir("rejected", run_id).glob("shard-*.parquet"))
     if not files:
         return set()
-    rejected = pa.concat_tables(pq.read_table(f, columns=["record_index"]) for f in files).column(0)
+    rejected = pa.concat_tables(objects.read_table(f, columns=["record_index"]) for f in files).column(0)
     members = _members(store, ingest_run)
     picked = members.filter(pc.is_in(members.column("record_index"), value_set=rejected))
     return set(picked.column("seq_hash").to_pylist())

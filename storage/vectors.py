@@ -17,14 +17,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage import objects
 from storage.catalog import fetch_arrow, file_list
 from storage.layout import Store, commit, write_table_atomic
+from storage.objects import StorePath, as_path
 
 BLOCK_ROWS = 8192  # rows decoded at a time: 8192 x 1280 floats = 42 MB
 QUERY_CHUNK = 2048  # queries scored against one block at a time: a 2048 x 8192 score matrix = 67 MB
@@ -49,7 +50,7 @@ class VectorError(Exception):
 class VectorSet:
     """The stored vectors of one (model, model_sha, layer, pooling): what a search or an index covers."""
 
-    root: Path
+    root: StorePath
     model: str
     model_sha: str
     layer: int
@@ -116,7 +117,7 @@ def stored_models(store: Store) -> list[str]:
     files = store.files("embeddings")
     if not files:
         return []
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     table = fetch_arrow(con, f"SELECT DISTINCT model FROM read_parquet({file_list(files)}) ORDER BY 1")
     return table.column(0).to_pylist()
 
@@ -131,7 +132,7 @@ def describe(store: Store, names: Sequence[str]) -> pa.Table:
     ]
     if not files:
         return pa.table({"model": pa.array([], pa.string())})
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     wanted = ", ".join(_sql_text(n) for n in names)
     table = fetch_arrow(
         con,
@@ -190,7 +191,7 @@ def resolve(
     rows = _pick(rows, "pooling", pooling, names[0])
     row = rows[0]
     return VectorSet(
-        root=Path(root),
+        root=as_path(root),
         model=row["model"],
         model_sha=row["model_sha"],
         layer=int(row["layer"]),
@@ -251,7 +252,7 @@ def iter_blocks(
     block_rows = block_rows or BLOCK_ROWS
     for number, path in enumerate(vs.files() if files is None else files):
         try:
-            reader = pq.ParquetFile(path)
+            reader = objects.parquet_file(path)
         except FileNotFoundError:
             continue  # removed since it was listed: its vectors are gone
         for batch in reader.iter_batches(batch_size=block_rows, columns=[*FILTER_COLUMNS, "embedding"]):
@@ -265,7 +266,7 @@ def stored_hashes(vs: VectorSet) -> pa.Array:
     files = vs.files()
     if not files:
         return pa.array([], pa.string())
-    con = duckdb.connect(":memory:")
+    con = objects.duckdb_connection()
     sql = (
         f"SELECT DISTINCT seq_hash FROM read_parquet({file_list(files)}) WHERE model = {_sql_text(vs.model)} "
         f"AND model_sha = {_sql_text(vs.model_sha)} AND layer = {vs.layer} AND pooling = {_sql_text(vs.pooling)}"
@@ -280,7 +281,7 @@ def fetch(vs: VectorSet, hashes: Iterable[str]) -> dict[str, np.ndarray]:
     if not len(wanted):
         return found
     for path in vs.files():
-        reader = pq.ParquetFile(path)
+        reader = objects.parquet_file(path)
         for group in range(reader.num_row_groups):
             keys = reader.read_row_group(group, columns=FILTER_COLUMNS)
             hit = pc.and_(vs.row_mask(keys), pc.is_in(keys.column("seq_hash"), value_set=wanted))
@@ -668,7 +669,7 @@ def load_index(vs: VectorSet) -> LoadedIndex | None:
         path = manifest_path(vs)
         if not path.exists():
             return None
-        table = pq.read_table(path)
+        table = objects.read_table(path)
         info = IndexInfo.from_json(json.loads(table.schema.metadata[b"proteoflow.provenance"]))
         try:
             index = faiss.read_index(str(index_dir(vs) / info.index_file))
