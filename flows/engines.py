@@ -1,7 +1,8 @@
 """Engines as the actors see them: build one from a plain-data spec, run a shard, return Arrow tables.
 
 This is the seam between esm_core (models, tensors) and the store's result schemas. It imports no Ray
-and no Prefect, so actors that load it never touch Prefect's API.
+and no Prefect, so actors that load it never touch Prefect's API. What crosses between the driver and an
+actor is defined here too: a :class:`ShardTask` in, a :class:`ShardResult` (a manifest, not tables) out.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage import schemas
-from storage.results import ModelIdentity, ResultRows
+from storage.results import ModelIdentity, OutputFile, ResultRows
 from storage.schemas import ROW_KEYS
 
 Items = Sequence[tuple[str, str]]  # (seq_hash, sequence)
@@ -31,6 +32,38 @@ class ShardOutput:
     fallbacks: int = 0
     residues: int = 0  # residues the model actually ran (a truncated sequence counts its first window)
     seconds: float = 0.0
+
+
+@dataclass
+class ShardTask:
+    """What the driver sends an actor for one shard: the sequences, where to write, and the rows the store
+    already holds for them (``existing``: table -> ``seq_hash/key``, only this shard's sequences; usually
+    empty), which the actor leaves out of what it writes."""
+
+    shard_id: int
+    items: list[tuple[str, str]]  # (seq_hash, sequence)
+    run_id: str
+    store: str  # the store's root: an absolute local path or an object-store URI
+    model: ModelIdentity  # the weights the driver plans for (the actor refuses to write under others)
+    existing: dict[str, set[str]] = field(default_factory=dict)
+
+
+@dataclass
+class ShardResult:
+    """What an actor returns for one shard once its outputs are committed to the store: the manifest of the
+    files it wrote (paths, rows, sizes), the sequences that failed, and counters. Never the result rows.
+
+    ``result_bytes`` is the Arrow size of the result tables the shard computed (what the driver received
+    before actors wrote their own outputs); ``driver_bytes`` the pickled size of this result as returned."""
+
+    outputs: list[OutputFile]
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (seq_hash, error)
+    fallbacks: int = 0
+    residues: int = 0
+    seconds: float = 0.0  # the engine's compute time
+    write_seconds: float = 0.0  # committing the outputs to the store
+    result_bytes: int = 0
+    driver_bytes: int = 0
 
 
 def isolate_failures(run: Callable[[Items], Iterator], items: Items) -> tuple[list, list[tuple[str, str]]]:

@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.cluster import ray_session
-from flows.engines import EngineIdentity, ShardOutput, wanted_rows
+from flows.engines import EngineIdentity, ShardResult, ShardTask, wanted_rows
 from flows.job import Job, RunFailed
 from flows.planning import COSTS, cut_shards
 from flows.pool import ActorPool, Dispatched
@@ -123,7 +123,16 @@ def plan_shards(job: Job, ingest_run: str, identity: EngineIdentity) -> Planned:
 
 @task(name="compute", cache_policy=NONE)
 def compute_shards(job: Job, pool: ActorPool, planned: Planned, identity: EngineIdentity) -> ComputeCounts:
-    """Drive the Ray actors over the shards not yet done; each result is committed as it arrives."""
+    """Drive the Ray actors over the shards not yet done; each actor commits its shard's outputs to the
+    store itself and returns their manifest, from which the driver writes the shard's record.
+
+    Rows the store already holds are never written twice: the driver reads, once, the keys stored for the
+    planned sequences (a later run adding a layer or pooling, say) and sends each shard only its own
+    sequences' keys, which the actor leaves out. While this run's lease is held no other run computes its
+    sequences, so those keys stay right. If the lease lapsed (a stalled driver) another run may have written
+    some of the shard's rows meanwhile: before recording the shard, the driver reads the keys now stored for
+    its sequences in files other than the shard's own and rewrites the shard's outputs without them (rare,
+    the one case where rows pass through the driver). Outputs are always whole before the shard's record."""
     store, record, plan = Store(job.store), planned.record, planned.plan
     logger = get_run_logger()
     todo = [s for s in plan.shards if s not in planned.done]
@@ -136,41 +145,59 @@ def compute_shards(job: Job, pool: ActorPool, planned: Planned, identity: Engine
     planned_hashes = plan.hashes(todo)
     wanted = wanted_rows(job.kind, job.options, identity)
     existing = {
-        rows.table: results.existing_keys(store, rows.table, identity.model, planned_hashes)
+        rows.table: keys_by_hash(results.existing_keys(store, rows.table, identity.model, planned_hashes))
         for rows in wanted
     }
+    root = str(store.root.absolute())  # actors may run in another working directory
     before = sum(plan.shards[s].residues for s in planned.done)
-    state = {"residues": before, "computed": 0, "errors": 0, "fallbacks": 0}
+    state = {
+        "residues": before,
+        "computed": 0,
+        "errors": 0,
+        "fallbacks": 0,
+        "driver_bytes": 0,
+        "result_bytes": 0,
+    }
     bar = ProgressBar(job.kind, plan.residues) if job.progress else None
     started = time.monotonic()
 
-    def on_done(shard_id: int, output: ShardOutput, sent: Dispatched) -> None:
+    def shard_task(shard_id: int) -> ShardTask:
+        items = plan.items(shard_id)
+        known = {
+            table: {k for h, _ in items for k in by_hash.get(h, ())} for table, by_hash in existing.items()
+        }
+        return ShardTask(shard_id, items, record.run_id, root, identity.model, known)
+
+    def on_done(shard_id: int, result: ShardResult, sent: Dispatched) -> None:
+        outputs = result.outputs
         if not planned.lease.held():  # lapsed (a stalled driver): another run may have taken these sequences
             hashes = plan.hashes([shard_id])
-            existing.update(
-                {r.table: results.existing_keys(store, r.table, identity.model, hashes) for r in wanted}
-            )
-        outputs = results.write_shard_outputs(
-            store, identity.model, record.run_id, shard_id, output.tables, existing
-        )
+            own = [store.root / out.path for out in outputs]
+            stored = {
+                r.table: results.existing_keys(store, r.table, identity.model, hashes, skip=own)
+                for r in wanted
+            }
+            outputs = results.rewrite_without_existing(store, record.run_id, shard_id, outputs, stored)
         shards.write_compute_rejections(
-            store, record.run_id, shard_id, output.errors, record.params["ingest_run"]
+            store, record.run_id, shard_id, result.errors, record.params["ingest_run"]
         )
         summary = plan.shards[shard_id]
         shards.write_shard_record(store, record.run_id, shards.ShardRecord(
-            shard_id, "done", counts.attempts, sent.tries, summary.sequences, output.residues, len(output.errors),
-            output.fallbacks, output.seconds, f"slot-{sent.slot}", plan_id=plan.plan_id, outputs=outputs))  # fmt: skip
+            shard_id, "done", counts.attempts, sent.tries, summary.sequences, result.residues, len(result.errors),
+            result.fallbacks, result.seconds, f"slot-{sent.slot}", plan_id=plan.plan_id, outputs=outputs))  # fmt: skip
         state["residues"] += summary.residues
-        state["computed"] += output.residues
-        state["errors"] += len(output.errors)
-        state["fallbacks"] += output.fallbacks
+        state["computed"] += result.residues
+        state["errors"] += len(result.errors)
+        state["fallbacks"] += result.fallbacks
+        state["driver_bytes"] += result.driver_bytes
+        state["result_bytes"] += result.result_bytes
 
     def on_tick(partial: int) -> None:
         if bar is not None:
             bar.update(state["residues"] + partial)
 
     try:
-        report = pool.run(todo, plan.items, record.run_id, on_done, on_tick)
+        report = pool.run(todo, shard_task, on_done, on_tick)
     except KeyboardInterrupt:
         counts.shards, counts.shards_done_before = len(plan.shards), len(planned.done)
         record.finish(store, "interrupted", "interrupted; rerun the same command to resume")
@@ -194,9 +221,18 @@ def compute_shards(job: Job, pool: ActorPool, planned: Planned, identity: Engine
         state["computed"],
     )
     counts.isolated_errors, counts.fallbacks = state["errors"], state["fallbacks"]
+    counts.driver_bytes, counts.result_bytes = state["driver_bytes"], state["result_bytes"]
     counts.compute_seconds = elapsed
     counts.residues_per_s = state["computed"] / elapsed if elapsed > 0 else 0.0
     return counts
+
+
+def keys_by_hash(keys: set[str]) -> dict[str, list[str]]:
+    """``seq_hash/key`` strings grouped by sequence, so each shard's share is found without a scan."""
+    grouped: dict[str, list[str]] = {}
+    for key in keys:
+        grouped.setdefault(key.partition("/")[0], []).append(key)
+    return grouped
 
 
 @task(name="catalog", cache_policy=NONE, retries=2, retry_delay_seconds=1)

@@ -1,5 +1,9 @@
 """A pool of :class:`ShardWorker` actors with dynamic dispatch: a free actor takes the next shard.
 
+Each dispatch sends a :class:`~flows.engines.ShardTask`; the actor writes the shard's outputs to the store and
+returns a :class:`~flows.engines.ShardResult`, a manifest of a few hundred bytes: no result rows reach the
+driver.
+
 A dead actor (killed process, out of memory) is replaced and its shard retried up to ``max_attempts``;
 a shard that still fails is reported failed with its error and the run goes on with the others.
 """
@@ -17,7 +21,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from flows.actors import ShardWorker
-from flows.engines import EngineIdentity, EngineOptions, ShardOutput
+from flows.engines import EngineIdentity, EngineOptions, ShardResult, ShardTask
 from flows.job import PoolOptions
 
 FAULT_ENV = ("PROTEOFLOW_KILL_SHARD", "PROTEOFLOW_FAULT_DIR", "PROTEOFLOW_POISON", "PROTEOFLOW_SHARD_DELAY_S")
@@ -152,14 +156,14 @@ class ActorPool:
     def run(
         self,
         shard_ids: list[int],
-        items: Callable[[int], list],
-        run_id: str,
-        on_done: Callable[[int, ShardOutput, Dispatched], None],
+        task: Callable[[int], ShardTask],
+        on_done: Callable[[int, ShardResult, Dispatched], None],
         on_tick: Callable[[int], None] | None = None,
     ) -> DispatchReport:
-        """Dispatch shards (in the given order) to free actors; ``on_done(shard, output, dispatched)`` per
-        result. ``on_tick(partial)`` is called about twice a second with the residues finished so far inside
-        the shards still running (polled from the actors at most once a second)."""
+        """Dispatch shards (in the given order) to free actors, each as ``task(shard)`` (built at each
+        dispatch, retries included); ``on_done(shard, result, dispatched)`` per shard whose outputs the actor
+        committed. ``on_tick(partial)`` is called about twice a second with the residues finished so far
+        inside the shards still running (polled from the actors at most once a second)."""
         report = DispatchReport()
         queue = deque(shard_ids)
         attempts: dict[int, int] = {}
@@ -171,7 +175,7 @@ class ActorPool:
             while idle and queue:
                 slot, shard = idle.popleft(), queue.popleft()
                 attempts[shard] = attempts.get(shard, 0) + 1
-                ref = self.actors[slot].run_shard.remote(shard, items(shard), run_id)
+                ref = self.actors[slot].run_shard.remote(task(shard))
                 inflight[ref] = (slot, shard, time.monotonic())
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
             if on_tick is not None and time.monotonic() - polled >= PROGRESS_POLL_S:
@@ -181,7 +185,7 @@ class ActorPool:
                 slot, shard, started = inflight.pop(ref)
                 partial.pop(slot, None)
                 try:
-                    output = ray.get(ref)
+                    result = ray.get(ref)
                 except RayError as exc:  # task error, dead actor, killed worker, lost node
                     error = _describe(exc)
                     if not isinstance(exc, RayTaskError):
@@ -195,7 +199,7 @@ class ActorPool:
                         report.failed[shard] = error
                     continue
                 idle.append(slot)
-                on_done(shard, output, Dispatched(attempts[shard], time.monotonic() - started, slot))
+                on_done(shard, result, Dispatched(attempts[shard], time.monotonic() - started, slot))
                 report.computed.append(shard)
             if on_tick is not None:
                 on_tick(sum(partial.values()))
