@@ -12,7 +12,7 @@ import textwrap
 from dataclasses import asdict
 
 from flows import cli_check, cli_compute, cli_family, cli_runs, cli_search, cli_serve, cli_sql, cli_submit
-from flows.cli_args import positive_int, require_store, run_id_arg, store_arg
+from flows.cli_args import check_object_store, positive_int, require_store, run_id_arg, store_arg
 from flows.errors import CliError, interrupted_by_signal, report_interrupt
 
 EPILOG = textwrap.dedent("""\
@@ -129,6 +129,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from storage.layout import Store
 
     store = Store(require_store(args))
+    check_object_store(store.root)
     bar = ProgressBar("ingest", unit="records")
     result = ingest(
         store,
@@ -222,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_store_arg(args: argparse.Namespace) -> None:
     """``--store`` must be a directory (or not exist yet): a file there fails in a dozen places otherwise."""
-    from storage.objects import as_path, is_uri
+    from storage.objects import ObjectStoreError, as_path, is_uri
 
     store = getattr(args, "store", None)
     if store and is_uri(store):
-        as_path(store)  # an unknown scheme or a URI without a bucket: one line, before anything starts
+        try:
+            as_path(store)  # an unknown scheme or a URI without a bucket: one line, before anything starts
+        except ObjectStoreError as exc:
+            raise CliError(f"--store {exc}") from None
     elif store and os.path.exists(store) and not os.path.isdir(store):
         raise CliError(f"--store {store} is a file, not a store directory")
 

@@ -14,9 +14,23 @@ def store_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         default=os.environ.get("PROTEOFLOW_STORE"),
-        metavar="DIR",
-        help="store directory (created by ingest; default $PROTEOFLOW_STORE)",
+        metavar="STORE",
+        help="store: a directory (local or a shared mount) or an object-store URI such as s3://bucket/prefix "
+        "(endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); created by ingest; "
+        "default $PROTEOFLOW_STORE",
     )
+
+
+def check_object_store(root: object) -> None:
+    """For a store on object storage: write and delete one small object, so no endpoint, bad credentials or a
+    missing permission is one line before any work starts (a local store is checked where it is used)."""
+    from storage.objects import ObjectPath, ObjectStoreError, probe_writable
+
+    if isinstance(root, ObjectPath):
+        try:
+            probe_writable(root)
+        except ObjectStoreError as exc:
+            raise CliError(f"--store {root}: {exc}") from None
 
 
 def positive_int(text: str) -> int:
@@ -37,7 +51,7 @@ def run_id_arg(text: str) -> str:
 def require_store(args: argparse.Namespace) -> str:
     """The store named by --store or $PROTEOFLOW_STORE; a one-line error when neither is given."""
     if not args.store:
-        raise CliError("no store given: pass --store DIR or set PROTEOFLOW_STORE")
+        raise CliError("no store given: pass --store DIR (or s3://bucket/prefix) or set PROTEOFLOW_STORE")
     return args.store
 
 

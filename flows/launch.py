@@ -26,6 +26,7 @@ from typing import TextIO
 
 from esm_core.preflight import CheckpointInfo, inspect_checkpoint
 from esm_core.weights import RANDOM_WEIGHTS_NOTICE
+from flows.cli_args import check_object_store
 from flows.engines import EmbedOptions, EngineIdentity, resolve_layers, wanted_rows
 from flows.errors import CliError, Interrupted, note_signal, report_interrupt
 from flows.progress import ProgressBar
@@ -34,7 +35,7 @@ from storage import plans, results
 from storage.catalog import write_catalog
 from storage.ingest import ingest
 from storage.layout import Store
-from storage.objects import ObjectPath, ObjectStoreError, StorePath, probe_writable
+from storage.objects import ObjectPath, StorePath
 from storage.runs import ComputeCounts, RunRecord, list_runs, load_run, run_path
 
 CHECKPOINT_KIND = {"embed": "esm", "fold": "esmfold", "score-variants": "esm", "predict": "esm"}
@@ -161,10 +162,7 @@ def check_writable(root: StorePath) -> None:
     well under a second, instead of after the ingest or once the model has loaded. Nothing is left behind.
     On an object store: one small object written and deleted (bad credentials, no bucket, no endpoint)."""
     if isinstance(root, ObjectPath):
-        try:
-            probe_writable(root)
-        except ObjectStoreError as exc:
-            raise CliError(f"--store {root}: {exc}") from None
+        check_object_store(root)
         return
     target = root
     while not target.exists() and target != target.parent:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 from flows import cli_compute
 from flows.errors import CliError
+from storage.objects import ObjectStoreError, as_path, is_uri
 
 KINDS = ("embed", "fold")
 OBJECT_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -49,14 +50,17 @@ def compute_parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def _shared_path(what: str, path: str) -> str:
-    """``path`` unchanged, or a one-line CliError: object storage, standard input and relative paths cannot
-    reach a job that runs on other machines, in another directory."""
+    """``path`` unchanged, or a one-line CliError: standard input and relative paths cannot reach a job that
+    runs on other machines, in another directory. Object-store URIs (s3://, gs://) reach every node."""
     if path == "-":
         raise CliError(f"{what} '-' (standard input) cannot be sent to a cluster job; write it to a file on "
-                       "a file system shared with the cluster")  # fmt: skip
-    if OBJECT_URL.match(path):
-        raise CliError(f"{what} {path}: object storage ({path.split('://')[0]}://) is not supported yet; "
-                       "use a file system mounted at the same path on every Ray node")  # fmt: skip
+                       "a file system shared with the cluster, or upload it to object storage")  # fmt: skip
+    if is_uri(path):
+        try:
+            as_path(path)
+        except ObjectStoreError as exc:
+            raise CliError(f"{what} {exc}") from None
+        return path
     if not os.path.isabs(path):
         raise CliError(f"{what} {path} is a relative path: the job runs on the cluster, not in this directory; "
                        f"give it as {os.path.abspath(path)}")  # fmt: skip
@@ -78,16 +82,22 @@ def check_shared_paths(args: argparse.Namespace) -> list[str]:
     will use: every input exists here, the store exists or its directory does, a model path exists."""
     for path in args.inputs:
         _shared_path("INPUT", path)
+        if is_uri(path):
+            _check_object_input(path)
+            continue
         if not os.path.exists(path):
             raise CliError(f"INPUT {path} does not exist here; submit from a machine that mounts the "
                            "cluster's shared file system at the same path")  # fmt: skip
     store = _shared_path("--store", args.store)
     parent = os.path.dirname(store.rstrip("/")) or "/"
-    if not os.path.isdir(store) and not os.path.isdir(parent):
+    if not is_uri(store) and not os.path.isdir(store) and not os.path.isdir(parent):
         raise CliError(f"--store {store}: {parent} does not exist here; the store must be on a file system "
                        "shared with the cluster, mounted at the same path")  # fmt: skip
     paths = [*args.inputs, store]
     if _model_is_path(args.model):
+        if is_uri(args.model):
+            raise CliError(f"--model {args.model}: a checkpoint on object storage is not read directly; put it "
+                           "on a file system every node mounts, or bake it into the image's Hugging Face cache")  # fmt: skip
         _shared_path("--model", args.model)
         if not os.path.exists(args.model):
             raise CliError(f"--model {args.model} does not exist here; a model path must be on the shared "
@@ -96,8 +106,23 @@ def check_shared_paths(args: argparse.Namespace) -> list[str]:
     return paths
 
 
+def _check_object_input(path: str) -> None:
+    """An object-store input that is certainly missing is refused here; one this machine cannot reach
+    (credentials only the cluster has) is left for the job to read."""
+    try:
+        found = as_path(path).exists()
+    except (OSError, ObjectStoreError):
+        return
+    if not found:
+        raise CliError(f"INPUT {path}: no such object or prefix")
+
+
 def shared_note(args: argparse.Namespace) -> str:
     """The one line that says where the job's data must be."""
+    local = [p for p in [*args.inputs, args.store] if not is_uri(p)]
+    if not local and not _model_is_path(args.model):
+        return ("note: the job reads and writes object storage with the cluster's own credentials (the nodes' "
+                "environment or --env AWS_...=...)")  # fmt: skip
     inputs = args.inputs[0] if len(args.inputs) == 1 else f"{len(args.inputs)} inputs"
     model = f", --model {args.model}" if _model_is_path(args.model) else ""
     return (f"note: the job reads {inputs}{model} and writes --store {args.store} on the cluster's nodes: "

@@ -60,7 +60,7 @@ class Owner:
 def _read_json(path: StorePath) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):  # gone (an object store may say so only as a failed read), or half-written
         return None
 
 

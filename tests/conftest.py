@@ -104,3 +104,24 @@ def tiny_esm2(tmp_path_factory) -> Path:
     from esm_core.random_weights import write_random_hf_checkpoint
 
     return write_random_hf_checkpoint(tmp_path_factory.mktemp("models") / "tiny_esm2", arch="tiny_esm2")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on the loopback address, for the session; its client variables
+    are set in this process too (in-process readers find the endpoint as a user's shell would)."""
+    from objectstore_server import SeaweedS3, available
+
+    why = available()
+    if why:
+        pytest.skip(why)
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).wait()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

@@ -203,8 +203,8 @@ def jobs_client(head: Node):
     ("inputs", "store", "expected"),
     [
         ("ecoli.fasta", "/tmp/s", "INPUT ecoli.fasta is a relative path: the job runs on the cluster"),
-        ("s3://bucket/ecoli.fasta", "/tmp/s", "object storage (s3://) is not supported yet"),
-        (str(EXAMPLE), "gs://bucket/store", "--store gs://bucket/store: object storage (gs://) is not supported yet"),
+        ("ftp://bucket/ecoli.fasta", "/tmp/s", "INPUT ftp://bucket/ecoli.fasta: not an object-store URI"),
+        (str(EXAMPLE), "s3:///store", "--store s3:///store: the URI names no bucket"),
         (str(EXAMPLE), "store", "--store store is a relative path"),
         ("/no/such/input.fasta", "/tmp/s", "INPUT /no/such/input.fasta does not exist here"),
         ("-", "/tmp/s", "'-' (standard input) cannot be sent to a cluster job"),
