@@ -9,13 +9,16 @@ converter and by fair-esm's loader) on the same real E. coli proteins (<= 1,022 
   fair-esm     FastaBatchedDataset.get_batch_indices(4096) sorted batches, fp32, fair-esm ESM2
 
 Also: machine GEMM throughput (fp32, bf16), proteoflow's achieved FLOP/s as a share of it, and the cosine
-similarity of auto vs fp32 mean embeddings. Run: ``python bench/embed.py [--n 600] [--models ...] [--quick]``.
+similarity of auto vs fp32 mean embeddings. Everything runs on --device (default: the GPU if there is one,
+else the CPU), GEMM peaks included. The proteome is read from $PROTEOFLOW_DATA (default: ../shared/data).
+Run: ``python bench/embed.py [--n 600] [--models ...] [--device cuda] [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import sys
 import tempfile
 import time
@@ -30,11 +33,13 @@ sys.path.insert(0, str(ROOT))
 
 from esm_core import alphabet  # noqa: E402
 from esm_core.checkpoints import LoadedEsm, load_esm  # noqa: E402
+from esm_core.device import pick_device  # noqa: E402
 from esm_core.embedding import Embedder  # noqa: E402
 from esm_core.precision import cosine_similarity  # noqa: E402
 from esm_core.random_weights import write_random_fair_esm_checkpoint  # noqa: E402
 
-ECOLI = ROOT.parent / "shared" / "data" / "ecoli_k12_UP000000625.fasta.gz"
+DATA = Path(os.environ.get("PROTEOFLOW_DATA") or ROOT.parent / "shared" / "data")
+ECOLI = DATA / "ecoli_k12_UP000000625.fasta.gz"
 Items = list[tuple[str, str]]
 
 
@@ -56,14 +61,28 @@ def read_proteins(path: Path, count: int, max_length: int = 1022) -> Items:
     return items
 
 
-def gemm_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-``repeats`` FLOP/s of an n x n x n matmul."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_size(device: torch.device) -> int:
+    """Matmul side for the GEMM peak: 2048 on a CPU, 8192 on a GPU (2048^3 is launch-bound there)."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def gemm_flops(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
+    """Best-of-``repeats`` FLOP/s of an n x n x n matmul on ``device`` (n from :func:`gemm_size`)."""
+    n = gemm_size(device)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     a @ b
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -96,10 +115,10 @@ def run_naive(loaded: LoadedEsm, items: Items, workdir: Path) -> tuple[float, di
         out = {}
         for i in range(0, len(batch_items), 8):
             chunk = batch_items[i : i + 8]
-            enc = tokenizer([s for _, s in chunk], return_tensors="pt", padding=True)
+            enc = tokenizer([s for _, s in chunk], return_tensors="pt", padding=True).to(loaded.device)
             hidden = model(**enc).last_hidden_state
             for row, (key, seq) in enumerate(chunk):
-                out[key] = hidden[row, 1 : len(seq) + 1].mean(0).numpy()
+                out[key] = hidden[row, 1 : len(seq) + 1].mean(0).cpu().numpy()
         return out
 
     run(items[:16])
@@ -109,12 +128,12 @@ def run_naive(loaded: LoadedEsm, items: Items, workdir: Path) -> tuple[float, di
 
 
 @torch.inference_mode()
-def run_fair_esm(path: Path, items: Items) -> tuple[float, dict[str, np.ndarray]]:
+def run_fair_esm(path: Path, items: Items, device: torch.device) -> tuple[float, dict[str, np.ndarray]]:
     import esm
 
     with torch.serialization.safe_globals([argparse.Namespace]):
         model, fair_alphabet = esm.pretrained.load_model_and_alphabet_local(str(path))
-    model.eval()
+    model.eval().to(device)
     last = model.num_layers
 
     def run(batch_items: Items) -> dict[str, np.ndarray]:
@@ -125,9 +144,9 @@ def run_fair_esm(path: Path, items: Items) -> tuple[float, dict[str, np.ndarray]
         )
         out = {}
         for labels, strs, tokens in loader:
-            reps = model(tokens, repr_layers=[last])["representations"][last]
+            reps = model(tokens.to(device), repr_layers=[last])["representations"][last]
             for row, (key, seq) in enumerate(zip(labels, strs, strict=True)):
-                out[key] = reps[row, 1 : len(seq) + 1].mean(0).numpy()
+                out[key] = reps[row, 1 : len(seq) + 1].mean(0).cpu().numpy()
         return out
 
     run(items[:16])
@@ -140,25 +159,30 @@ def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
-def measure_peak(peak: dict[str, float]) -> dict[str, float]:
+def measure_peak(peak: dict[str, float], device: torch.device) -> dict[str, float]:
     """Raise ``peak`` to the best GEMM rates seen now: the CPU is shared, so peaks are re-measured before
-    each model and the best of all measurements is the denominator."""
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        peak[name] = max(peak.get(name, 0.0), gemm_flops(dtype))
+    each model and the best of all measurements is the denominator (fp16 too on a GPU)."""
+    dtypes = [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+    if device.type == "cuda":
+        dtypes.append(("fp16", torch.float16))
+    for name, dtype in dtypes:
+        peak[name] = max(peak.get(name, 0.0), gemm_flops(dtype, device))
     return peak
 
 
-def bench_model(arch: str, items: Items, workdir: Path, peak: dict[str, float]) -> list[str]:
+def bench_model(
+    arch: str, items: Items, workdir: Path, peak: dict[str, float], device: torch.device
+) -> list[str]:
     residues = sum(len(s) for _, s in items)
     path = write_random_fair_esm_checkpoint(workdir / f"{arch}.pt", arch, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = load_esm(str(path))
-    measure_peak(peak)
+        loaded = load_esm(str(path), device)
+    measure_peak(peak, device)
     t_auto, auto, auto_desc = run_proteoflow(loaded, items, "auto")
     t_fp32, fp32, _ = run_proteoflow(loaded, items, "fp32")
     t_naive, naive = run_naive(loaded, items, workdir)
-    t_fair, fair = run_fair_esm(path, items)
+    t_fair, fair = run_fair_esm(path, items, device)
     cos = cosine_similarity(np.stack([auto[k] for k, _ in items]), np.stack([fp32[k] for k, _ in items]))
     flops = model_flops(loaded, items)
     rate = {
@@ -191,6 +215,10 @@ def bench_model(arch: str, items: Items, workdir: Path, peak: dict[str, float]) 
     return lines
 
 
+def describe_peak(peak: dict[str, float]) -> str:
+    return ", ".join(f"{name} {rate / 1e9:,.0f} GFLOP/s" for name, rate in peak.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["esm2_t6_8M_UR50D", "esm2_t12_35M_UR50D"])
     parser.add_argument("--quick", action="store_true", help="150 proteins, esm2_t6 only")
     parser.add_argument("--fasta", type=Path, default=ECOLI)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if any)")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.models = min(args.n, 150), args.models[:1]
@@ -206,19 +235,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"missing {args.fasta}", file=sys.stderr)
         return 2
     items = read_proteins(args.fasta, args.n)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    peak = measure_peak({})
-    print(
-        f"GEMM 2048^3 at start: fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s"
-    )
+    device = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device} ({name})")
+    n = gemm_size(device)
+    peak = measure_peak({}, device)
+    print(f"GEMM {n}^3 at start: {describe_peak(peak)}")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models:
-            for line in bench_model(arch, items, Path(tmp), peak):
+            for line in bench_model(arch, items, Path(tmp), peak, device):
                 print(line, flush=True)
-    measure_peak(peak)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next model's token budget reads free memory
+    measure_peak(peak, device)
     print(
-        f"\nGEMM 2048^3 best seen (the FLOP shares above use the best seen up to that model): "
-        f"fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s"
+        f"\nGEMM {n}^3 best seen (the FLOP shares above use the best seen up to that model): "
+        f"{describe_peak(peak)}"
     )
     return 0
 

@@ -1,7 +1,8 @@
 """Folding throughput: proteoflow's ``Folder`` (token-budget batches sorted by length, per-sequence pTM,
 PDB + mmCIF text) beside a one-by-one ``model.infer_pdb`` loop, on the same model in the same run.
 
-The input is the first --n E. coli proteins of --min-len..--max-len residues (file order).
+The input is the first --n E. coli proteins of --min-len..--max-len residues (file order), read from --fasta
+(default: the proteome in $PROTEOFLOW_DATA, else ../shared/data).
 --model: "tiny" (random tiny checkpoint, the default; seconds on a CPU), "realistic" (random weights,
 esmfold_v1 trunk on a 35M ESM-2 stem; a GPU job), or a hub id / local HF directory.
 
@@ -29,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from esm_core.folding import Folder, load_esmfold  # noqa: E402
 from esm_core.random_esmfold import write_random_esmfold_checkpoint  # noqa: E402
 
-ECOLI = ROOT.parent / "shared" / "data" / "ecoli_k12_UP000000625.fasta.gz"
+DATA = Path(os.environ.get("PROTEOFLOW_DATA") or ROOT.parent / "shared" / "data")
+ECOLI = DATA / "ecoli_k12_UP000000625.fasta.gz"
 
 
 def read_proteins(path: Path, n: int, min_len: int, max_len: int) -> list[tuple[str, str]]:
@@ -74,6 +76,7 @@ def main() -> None:
     )
     parser.add_argument("--model", default="tiny", help="tiny | realistic | hub id | local HF directory")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if any)")
+    parser.add_argument("--fasta", type=Path, default=ECOLI)
     parser.add_argument("--n", type=int, default=30)
     parser.add_argument("--min-len", type=int, default=40)
     parser.add_argument("--max-len", type=int, default=150)
@@ -87,12 +90,12 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also print one JSON line")
     args = parser.parse_args()
 
-    if not ECOLI.exists():
-        sys.exit(f"E. coli proteome not found at {ECOLI}")
+    if not args.fasta.exists():
+        sys.exit(f"E. coli proteome not found at {args.fasta}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    proteins = read_proteins(ECOLI, args.n, args.min_len, args.max_len)
+    proteins = read_proteins(args.fasta, args.n, args.min_len, args.max_len)
     loaded = load_esmfold(model_source(args.model, args.workdir), device=args.device)
     model = loaded.model
     folder = Folder(loaded, num_recycles=args.num_recycles, max_tokens=args.max_tokens)
