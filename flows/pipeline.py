@@ -26,7 +26,7 @@ from prefect.cache_policies import NONE
 from flows.cluster import ray_session
 from flows.engines import EngineIdentity, ShardResult, ShardTask, wanted_rows
 from flows.job import Job, RunFailed
-from flows.planning import COSTS, cut_shards
+from flows.planning import COSTS, shard_sizes
 from flows.pool import ActorPool, Dispatched
 from flows.progress import ProgressBar
 from flows.resources import resolve_pool
@@ -109,10 +109,11 @@ def plan_shards(job: Job, ingest_run: str, identity: EngineIdentity) -> Planned:
     with StoreLock(store, f"plan-{identity.model.sha}"):
         done = results.done_hashes(store, identity.model, wanted)
         claimed = plans.claimed_by_others(store, identity.model.sha, run_id)
-        todo = plans.pending_sequences(store, [ingest_run], pa.concat_arrays([done, claimed]))
-        if plan is None or not plans.covers(plan, todo.column("seq_hash")):
-            cut = cut_shards(todo.column("length").to_pylist(), cost, job.pool.workers or 1)
-            plan = plans.write_plan(store, run_id, todo, cut, cost, shards.next_shard_id(store, run_id))
+        pending = plans.Pending(store, [ingest_run], pa.concat_arrays([done, claimed]))  # a query: streamed
+        if plan is None or not plans.covers(plan, pending):
+            sizes = shard_sizes(plans.length_counts(pending), cost, job.pool.workers or 1)
+            first = shards.next_shard_id(store, run_id)
+            plan = plans.write_pending_plan(store, run_id, pending, sizes, cost, first)
         lease = Lease(store, run_id, identity.model.sha).start()
     done_shards, _ = shards.trusted_done(store, run_id, plan.plan_id)
     shards.quarantine_leftovers(
