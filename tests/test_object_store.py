@@ -139,3 +139,22 @@ def test_object_store_mistakes_are_one_line_and_quick(s3_server, proteome, store
     err = done.stderr.decode()
     assert done.returncode != 0 and err.count("\n") == 1 and expected in err, err
     assert "Traceback" not in err and time.monotonic() - started < 30
+
+
+def test_fold_and_export_structures_on_s3(s3_server, proteome, tmp_path):
+    from esm_core.random_esmfold import write_random_esmfold_checkpoint
+
+    model = write_random_esmfold_checkpoint(tmp_path / "tiny_esmfold", tiny=True)
+    remote = f"s3://{BUCKET}/fold-{uuid.uuid4().hex[:8]}"
+    done = run_cli("fold", str(proteome), "--store", remote, "--model", str(model), "--max-length", "150",
+                   "--workers", "1", "--no-progress")  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    [(folded,)] = query(remote, "SELECT count(*) FROM structures")[1]
+    assert folded > 0
+    out = tmp_path / "pdbs"
+    done = run_cli("export-structures", "--store", remote, "--out", str(out))
+    assert done.returncode == 0, done.stderr.decode()
+    pdbs = sorted(out.glob("*.pdb"))
+    assert len(pdbs) == folded and all(
+        p.read_text().startswith(("HEADER", "ATOM", "MODEL", "REMARK")) for p in pdbs
+    )
