@@ -118,15 +118,20 @@ def _check_object_input(path: str) -> None:
 
 
 def shared_note(args: argparse.Namespace) -> str:
-    """The one line that says where the job's data must be."""
-    local = [p for p in [*args.inputs, args.store] if not is_uri(p)]
-    if not local and not _model_is_path(args.model):
-        return ("note: the job reads and writes object storage with the cluster's own credentials (the nodes' "
-                "environment or --env AWS_...=...)")  # fmt: skip
-    inputs = args.inputs[0] if len(args.inputs) == 1 else f"{len(args.inputs)} inputs"
-    model = f", --model {args.model}" if _model_is_path(args.model) else ""
-    return (f"note: the job reads {inputs}{model} and writes --store {args.store} on the cluster's nodes: "
-            "they must be on a file system every Ray node mounts at these same paths")  # fmt: skip
+    """The one line that says where the job's data must be: paths on a file system every node mounts, and
+    object storage reached with the cluster's own credentials."""
+    inputs = [p for p in args.inputs if not is_uri(p)]
+    mounted = [inputs[0] if len(inputs) == 1 else f"{len(inputs)} inputs"] if inputs else []
+    mounted += [f"--model {args.model}"] if _model_is_path(args.model) else []
+    mounted += [] if is_uri(args.store) else [f"--store {args.store}"]
+    notes = []
+    if mounted:
+        notes.append(f"the job uses {', '.join(mounted)} on the cluster's nodes: they must be on a file system "
+                     "every Ray node mounts at these same paths")  # fmt: skip
+    if any(is_uri(p) for p in [*args.inputs, args.store]):
+        notes.append("it reads and writes object storage with the cluster's own credentials (the nodes' "
+                     "environment or --env AWS_...=...)")  # fmt: skip
+    return "note: " + "; ".join(notes)
 
 
 def check_options(args: argparse.Namespace) -> None:

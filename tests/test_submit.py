@@ -301,6 +301,31 @@ def test_submitted_embed_equals_a_local_run(cluster, proteome, tiny_esm2, local_
     print(f"submitted run: {time.monotonic() - started:.1f} s")
 
 
+def test_a_submitted_run_reads_and_writes_object_storage(cluster, s3_server, proteome, tiny_esm2, local_rows):
+    """Input and store on a real S3 server (SeaweedFS on loopback): the job reads the FASTA object, its actors on
+    both nodes write their outputs there, and SQL over the s3:// store returns the local run's rows."""
+    import uuid
+
+    from storage.objects import ObjectPath
+
+    head = cluster.ready()
+    cluster.worker()
+    prefix = f"s3://proteoflow-tests/submit-{uuid.uuid4().hex[:8]}"
+    ObjectPath(f"{prefix}/in/ecoli.fasta").write_bytes(proteome.read_bytes())
+    store = f"{prefix}/store"
+    env = [arg for key, value in s3_server.env.items() for arg in ("--env", f"{key}={value}")]
+    result = submit("embed", f"{prefix}/in/", "--store", store, "--model", str(tiny_esm2), *OPTIONS,
+                    "--address", head.dashboard, *env, "--wait")  # fmt: skip
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, out[-4000:] + err[-2000:]
+    assert "reads and writes object storage with the cluster's own credentials" in err, err
+    assert "on the cluster's nodes: they must be on a file system" in err  # the model path is local
+    status, counts = compute_counts(store)
+    assert status == "completed" and counts["shards_failed"] == 0
+    assert len({p["node_id"] for p in counts["placements"]}) == 2  # actors on both nodes wrote to the store
+    assert embedding_rows(store) == local_rows
+
+
 def test_a_worker_node_killed_mid_run_leaves_the_job_completing_on_the_head(
     cluster, proteome, tiny_esm2, local_rows, tmp_path
 ):
