@@ -60,10 +60,14 @@ _SCHEME_FS: dict[str, pafs.FileSystem] = {}
 
 @dataclass(frozen=True)
 class ObjectStat:
-    """The two fields of ``os.stat_result`` the store reads."""
+    """The fields of ``os.stat_result`` the store reads."""
 
     st_size: int
     st_mtime: float
+
+    @property
+    def st_mtime_ns(self) -> int:
+        return int(self.st_mtime * 1e9)
 
 
 class ObjectPath:

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 
 from storage import objects
 from storage.catalog import fetch_arrow, file_list
-from storage.layout import Store, commit, write_table_atomic
-from storage.objects import StorePath, as_path
+from storage.layout import Store, commit, write_bytes_atomic, write_table_atomic
+from storage.objects import ObjectPath, StorePath, as_path
 
 BLOCK_ROWS = 8192  # rows decoded at a time: 8192 x 1280 floats = 42 MB
 QUERY_CHUNK = 2048  # queries scored against one block at a time: a 2048 x 8192 score matrix = 67 MB
@@ -382,11 +382,11 @@ def merge_hits(
 # ------------------------------------------------------------------------------------------ index files
 
 
-def index_dir(vs: VectorSet) -> Path:
+def index_dir(vs: VectorSet) -> StorePath:
     return vs.table_dir("indexes")
 
 
-def manifest_path(vs: VectorSet) -> Path:
+def manifest_path(vs: VectorSet) -> StorePath:
     """The index's manifest: seq_hash per FAISS id, and in its footer what the index covers."""
     return index_dir(vs) / f"layer{vs.layer}-{vs.pooling}.parquet"
 
@@ -560,9 +560,12 @@ def build_index(
     )
     folder = index_dir(vs)
     folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / f".{info.index_file}.tmp"
-    faiss.write_index(index, str(temp))
-    commit(temp, folder / info.index_file)
+    if isinstance(folder, ObjectPath):  # one whole-object upload of the serialized index
+        write_bytes_atomic(folder / info.index_file, faiss.serialize_index(index).tobytes())
+    else:
+        temp = folder / f".{info.index_file}.tmp"
+        faiss.write_index(index, str(temp))
+        commit(temp, folder / info.index_file)
     names = [str(p.relative_to(vs.root)) for p in files]
     file_ids = {name: i for i, name in enumerate(sorted(states))}
     manifest = pa.table(
@@ -671,9 +674,13 @@ def load_index(vs: VectorSet) -> LoadedIndex | None:
             return None
         table = objects.read_table(path)
         info = IndexInfo.from_json(json.loads(table.schema.metadata[b"proteoflow.provenance"]))
+        index_path = index_dir(vs) / info.index_file
         try:
-            index = faiss.read_index(str(index_dir(vs) / info.index_file))
-        except RuntimeError:
+            if isinstance(index_path, ObjectPath):
+                index = faiss.deserialize_index(np.frombuffer(index_path.read_bytes(), dtype=np.uint8))
+            else:
+                index = faiss.read_index(str(index_path))
+        except (RuntimeError, OSError):
             continue
         break
     else:

@@ -156,3 +156,19 @@ def test_fold_and_export_structures_on_s3(s3_server, proteome, tmp_path):
     assert done.returncode == 0, done.stderr.decode()
     pdbs = sorted(out.glob("*.pdb"))
     assert len(pdbs) == folded and all("\nATOM  " in p.read_text() for p in pdbs)
+
+
+def test_an_index_on_s3_answers_searches_like_an_exact_scan(stores):
+    _, remote = stores
+    model = stores_model(remote)
+    [(seq_id,)] = query(remote, "SELECT seq_id FROM members ORDER BY seq_id LIMIT 1")[1]
+    search = ["search", "--store", remote, "--model", model, "--layer", "2", "--pooling", "mean", "--id", seq_id,
+              "--k", "5", "--format", "json"]  # fmt: skip
+    exact = run_cli(*search, "--exact")
+    assert exact.returncode == 0, exact.stderr.decode()
+    built = run_cli("index", "--store", remote, "--model", model, "--layer", "2", "--pooling", "mean")
+    assert built.returncode == 0, built.stderr.decode()
+    assert json.loads(built.stdout.decode())["file"].endswith(".faiss")
+    indexed = run_cli(*search)
+    assert indexed.returncode == 0, indexed.stderr.decode()
+    assert json.loads(indexed.stdout) == json.loads(exact.stdout) and len(json.loads(exact.stdout)) == 5
