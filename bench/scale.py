@@ -16,8 +16,8 @@ step: the plan task's calls for a fresh run (nothing done, nothing claimed) up t
   materialized:  the plan task before issue 10: plans.pending_sequences (the whole pending set as one Arrow
                  table) + flows.planning.cut_shards (Python lists of every length) + plans.write_plan;
   streamed:      the plan task now: plans.Pending + plans.length_counts + planning.shard_sizes +
-                 plans.write_pending_plan (DuckDB streams the pending rows longest first into the plan
-                 file, one row group per shard, under a bounded memory limit, spilling to disk).
+                 plans.write_pending_plan (DuckDB streams the pending rows, under a memory limit, into
+                 length bands on scratch disk; each band is sorted alone and cut into row groups).
 Both plans are then compared row group by row group: the same shards, sequences and order.
 
 Dispatch. A Ray cluster of several logical nodes on loopback (``ray start`` per node, head on 127.0.0.2, the
@@ -155,7 +155,9 @@ def build_store(root: Path, n: int, seed: int = 10) -> dict:
     con = duckdb.connect(":memory:")
     con.execute("SET memory_limit = '1GB'")
     con.execute(f"SET temp_directory = '{root.parent / ('.' + root.name + '-spill')}'")
-    distinct = con.execute(f"SELECT count(DISTINCT seq_hash) FROM read_parquet('{unsorted}')").fetchone()[0]
+    distinct = con.execute(f"SELECT count(DISTINCT seq_hash) FROM read_parquet('{unsorted}')").fetchall()[0][
+        0
+    ]
     if distinct != n:
         sys.exit(f"synthetic store: {n - distinct} duplicate sequences (change --seed)")
     sink = ParquetSink(
@@ -233,7 +235,8 @@ def plan_in_this_process(store_root: str, planner: str, workers: int) -> dict:
 def run_planner(cmd: list[str], timeout: float) -> dict:
     """Run one planning subprocess; past ``timeout`` it is killed and its peak RSS so far reported."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline, peak = time.monotonic() + timeout, 0.0
+    start = time.monotonic()
+    deadline, peak = start + timeout, 0.0
     while proc.poll() is None and time.monotonic() < deadline:
         try:
             peak = max(peak, peak_rss_mb(proc.pid))
@@ -243,11 +246,11 @@ def run_planner(cmd: list[str], timeout: float) -> dict:
     if proc.poll() is None:
         proc.kill()
         proc.communicate()
-        return {"error": f"not finished after {timeout:.0f} s", "peak_rss_mb": peak}
+        return {"error": f"not finished after {timeout:.0f} s", "peak_rss_mb": peak, "wall_s": timeout}
     out, err = proc.communicate()
     if proc.returncode:
         return {"error": f"rc {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}",
-                "peak_rss_mb": peak}  # fmt: skip
+                "peak_rss_mb": peak, "wall_s": time.monotonic() - start}  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -281,8 +284,8 @@ def planning_section(args: argparse.Namespace) -> None:
             result = run_planner(cmd, args.timeout)
             if "error" in result:
                 print(f"{n:>12,}{planner:>14}  {result['error']}", flush=True)
-                rows.append(f"{n:>12,}{planner:>14}{'>' + str(args.timeout):>9}{'':15}"
-                            f"{result['peak_rss_mb']:13.0f}  (stopped: {result['error']})")  # fmt: skip
+                rows.append(f"{n:>12,}{planner:>14}{result['wall_s']:9.0f}{'':15}"
+                            f"{result['peak_rss_mb']:13.0f}  (failed: {result['error'][:100]})")  # fmt: skip
                 continue
             results[planner] = result
             r = results[planner]
@@ -299,7 +302,8 @@ def planning_section(args: argparse.Namespace) -> None:
             root.with_name(root.name + ".json").unlink(missing_ok=True)
     print("\n" + header)
     print("\n".join(rows))
-    print("RSS before: the planning subprocess once imports are done (the baseline); peak RSS: ru_maxrss")
+    print("RSS before: the planning subprocess once imports are done (the baseline); peak RSS: its VmHWM "
+          "(sampled every 0.5 s by the parent for a run that failed)")  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- dispatch

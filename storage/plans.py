@@ -6,15 +6,18 @@ plan that is lost and rebuilt never inherits the old plan's shard records.
 
 Planning streams: :class:`Pending` is the run's pending set as a DuckDB query over the store, never held in
 memory. :func:`length_counts` reads only its lengths (one count per distinct length), the cutting policy
-(``flows.planning.shard_sizes``) turns them into shard sizes, and :func:`write_pending_plan` streams the
-rows longest first into the plan file, one row group per shard. DuckDB works under
-:data:`PLAN_MEMORY_LIMIT` and spills its joins and sort to a scratch directory, so the driver's memory
-stays flat whatever the number of sequences (bench/scale.py measures it on 10^7).
+(``flows.planning.shard_sizes``) turns them into shard sizes, and :func:`write_pending_plan` writes the rows
+longest first, one row group per shard, from :meth:`Pending.longest_first`: DuckDB streams the rows (its
+joins spill to disk past :data:`PLAN_MEMORY_LIMIT`) into length bands on local scratch, and each band is
+sorted in memory on its own. The driver's memory stays flat whatever the number of sequences
+(bench/scale.py measures it up to 10^7).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -32,8 +36,10 @@ from storage.locks import leases
 from storage.schemas import PLAN_SCHEMA
 
 MAX_SHARD_SEQUENCES = 2048
-PLAN_MEMORY_LIMIT = "256MB"  # DuckDB's memory while planning; past it, its joins and sort spill to disk
-PLAN_BATCH_ROWS = MAX_SHARD_SEQUENCES  # rows per batch streamed from DuckDB into the plan file
+PLAN_MEMORY_LIMIT = "128MB"  # DuckDB's memory while planning; past it, its joins spill to disk
+PLAN_BATCH_ROWS = 16_384  # rows per batch streamed out of DuckDB
+BAND_BYTES = 32 << 20  # rows sorted in memory at a time (Pending.longest_first)
+OPEN_BANDS = 256  # band files written per pass over the pending set (8 GB of it at BAND_BYTES)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ class Pending:
     def members(self) -> list:
         return [p for run in self.ingest_runs for p in self.store.run_dir("members", run).glob("*.parquet")]
 
-    def sql(self, columns: str, ordered: bool) -> str:
+    def sql(self, columns: str, ordered: bool = False) -> str:
         """The pending rows (``columns`` of ``s``, the sequences table), longest first when ``ordered``
         (ties by seq_hash: the order of the plan); ``excluded`` is the registered ``exclude``."""
         order = "ORDER BY s.length DESC, s.seq_hash" if ordered else ""
@@ -105,18 +111,145 @@ class Pending:
         """
 
     @contextmanager
-    def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connection(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, Path]]:
         """A DuckDB connection holding ``excluded``, its memory bounded, spilling to a scratch directory
-        (in the store on a local disk, in the local temporary directory for an object store)."""
+        (in the store on a local disk, in the local temporary directory for an object store), and that
+        directory."""
         with staging(self.store, "plan") as scratch:
             con = objects.duckdb_connection()
             try:
                 con.execute(f"SET memory_limit = '{PLAN_MEMORY_LIMIT}'")
-                con.execute("SET temp_directory = " + "'" + str(scratch).replace("'", "''") + "'")
+                con.execute("SET preserve_insertion_order = false")  # every reader orders (or counts) itself
+                if _has_optimizer(con, "build_side_probe_side"):
+                    # the joins build on the narrow side as written (the hashes wanted, the hashes excluded),
+                    # never on the sequences with their residues, which estimates can make look smaller
+                    con.execute("SET disabled_optimizers = 'build_side_probe_side'")
+                con.execute(f"SET temp_directory = {_quote(scratch / 'duckdb')}")
                 con.register("excluded", pa.table({"seq_hash": self.exclude.cast(pa.string())}))
-                yield con
+                yield con, scratch
             finally:
                 con.close()
+
+    @functools.cached_property
+    def counts(self) -> list[tuple[int, int]]:
+        """``(length, sequences)`` longest first (read once: the pending set does not change while the plan
+        lock is held)."""
+        if not self.members():
+            return []
+        with self.connection() as (con, _):
+            rows = con.execute(
+                f"SELECT length, count(*) FROM ({self.sql('s.length')}) GROUP BY length ORDER BY length DESC"
+            ).fetchall()
+        return [(int(length), int(count)) for length, count in rows]
+
+    def longest_first(self) -> Iterator[pa.Table]:
+        """The pending rows (seq_hash, length, sequence), longest first then by seq_hash, a band at a time.
+
+        A sort by DuckDB needs more memory the more rows it sorts, so the rows are cut into bands instead:
+        consecutive lengths of about BAND_BYTES each (one length that weighs more is split by seq_hash
+        prefix). One streaming pass writes up to OPEN_BANDS bands to scratch files; each band is then read
+        back, sorted in memory and handed on. Memory is a band and DuckDB's limit, whatever the number of
+        rows; a pending set of more bands than OPEN_BANDS takes more passes."""
+        bands = Bands(self.counts)
+        with self.connection() as (con, scratch):
+            for low in range(0, bands.count, OPEN_BANDS):
+                high = min(bands.count, low + OPEN_BANDS)
+                relation = con.sql(self.sql("s.seq_hash, s.length, s.sequence"))
+                reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
+                files = _write_bands(reader(PLAN_BATCH_ROWS), bands, scratch, low, high)
+                for band in range(low, high):
+                    path = files.get(band)
+                    if path is None:
+                        continue
+                    with pa.OSFile(str(path)) as source:
+                        table = pa.ipc.open_stream(source).read_all()
+                    path.unlink()
+                    yield table.sort_by([("length", "descending"), ("seq_hash", "ascending")])
+
+
+BAND_ROW_BYTES = 48  # per row beyond its residues: the hash, its offsets, the length
+_HEX = np.zeros(256, np.int64)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+
+
+class Bands:
+    """The pending set cut into bands of about BAND_BYTES, in plan order: consecutive lengths, longest
+    first; a length heavier than a band is split into equal ranges of its seq_hash's first four hex digits
+    (hashes are uniform), which keeps plan order (ties by seq_hash) across its bands."""
+
+    def __init__(self, counts: list[tuple[int, int]]) -> None:
+        top = max((length for length, _ in counts), default=0)
+        self.first = np.full(top + 1, -1, np.int64)  # by length: its (first) band; -1: not pending
+        self.parts = np.ones(top + 1, np.int64)  # by length: how many bands it is split into
+        band, filled = -1, BAND_BYTES
+        for length, count in counts:
+            size = count * (length + BAND_ROW_BYTES)
+            split = min(65536, math.ceil(size / BAND_BYTES))
+            if split > 1 or filled + size > BAND_BYTES:
+                band, filled = band + 1, 0
+            self.first[length], self.parts[length] = band, split
+            band += split - 1
+            filled = BAND_BYTES if split > 1 else filled + size
+        self.count = band + 1
+
+    def of(self, batch: pa.RecordBatch) -> np.ndarray:
+        """The band of each row of ``batch`` (seq_hash, length, ...); -1 for a length not pending."""
+        lengths = batch.column(1).to_numpy(zero_copy_only=False).astype(np.int64)
+        known = lengths < len(self.first)
+        band = np.full(len(lengths), -1, np.int64)
+        band[known] = self.first[lengths[known]]
+        parts = np.ones(len(lengths), np.int64)
+        parts[known] = self.parts[lengths[known]]
+        split = np.flatnonzero(parts > 1)
+        if len(split):
+            heads = pc.utf8_slice_codeunits(batch.column(0).take(pa.array(split)), 0, 4).cast(pa.binary())
+            data = np.frombuffer(heads.buffers()[2], np.uint8)
+            starts = np.frombuffer(heads.buffers()[1], np.int32)[heads.offset : heads.offset + len(heads)]
+            digits = _HEX[data[starts[:, None] + np.arange(4)]]
+            prefix = (digits[:, 0] << 12) | (digits[:, 1] << 8) | (digits[:, 2] << 4) | digits[:, 3]
+            band[split] += prefix * parts[split] // 65536
+        return band
+
+
+def _write_bands(
+    batches: Iterator[pa.RecordBatch], bands: Bands, scratch: Path, low: int, high: int
+) -> dict[int, Path]:
+    """Append each row to its band's scratch file (Arrow IPC, zstd), for bands ``low`` to ``high - 1``."""
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    files: dict[int, Path] = {}
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    try:
+        for batch in batches:
+            band = bands.of(batch)
+            order = np.argsort(band, kind="stable")
+            ranked = band[order]
+            edges = np.flatnonzero(np.diff(ranked)) + 1
+            for start, stop in zip(np.r_[0, edges], np.r_[edges, len(ranked)], strict=True):
+                key = int(ranked[start])
+                if key < low or key >= high:
+                    continue
+                if key not in writers:
+                    files[key] = scratch / f"band-{key}.arrow"
+                    writers[key] = pa.ipc.new_stream(str(files[key]), batch.schema, options=options)
+                writers[key].write_batch(batch.take(pa.array(order[start:stop])))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return files
+
+
+def _has_optimizer(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    try:
+        return bool(
+            con.execute("SELECT count(*) FROM duckdb_optimizers() WHERE name = ?", [name]).fetchall()[0][0]
+        )
+    except duckdb.Error:
+        return False
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
 
 
 def pending_sequences(store: Store, ingest_runs: list[str], exclude: pa.Array) -> pa.Table:
@@ -135,14 +268,7 @@ def pending_sequences(store: Store, ingest_runs: list[str], exclude: pa.Array) -
 
 def length_counts(pending: Pending) -> list[tuple[int, int]]:
     """``(length, sequences)`` of the pending set, longest first: all the shard cutting policy needs."""
-    if not pending.members():
-        return []
-    with pending.connection() as con:
-        rows = con.execute(
-            f"SELECT length, count(*) FROM ({pending.sql('s.length', ordered=False)}) GROUP BY length "
-            "ORDER BY length DESC"
-        ).fetchall()
-    return [(int(length), int(count)) for length, count in rows]
+    return pending.counts
 
 
 def write_plan(
@@ -191,8 +317,9 @@ def write_pending_plan(
     first_shard: int = 0,
 ) -> Plan:
     """Write ``pending``, longest first, as the run's plan, atomically: shard ``first_shard + i`` (row group
-    ``i``) takes the next ``sizes[i]`` sequences. The rows stream from DuckDB into the file, a shard at a
-    time; ``sizes`` must add up to the pending set (cut from :func:`length_counts` of the same set)."""
+    ``i``) takes the next ``sizes[i]`` sequences. The rows stream into the file a shard at a time
+    (:meth:`Pending.longest_first`); ``sizes`` must add up to the pending set (cut from its
+    :func:`length_counts`)."""
     path = store.plan_path(run_id)
     plan_id = uuid.uuid4().hex[:16]
     sink = ParquetSink(
@@ -204,15 +331,11 @@ def write_pending_plan(
     )
     try:
         if sizes:
-            with pending.connection() as con:
-                relation = con.sql(pending.sql("s.seq_hash, s.length, s.sequence", ordered=True))
-                reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
-                for shard_id, rows in enumerate(_cut_stream(iter(reader(PLAN_BATCH_ROWS)), sizes)):
-                    ids = pa.array([first_shard + shard_id] * rows.num_rows, pa.int32())
-                    sink.write(
-                        rows.add_column(0, "shard_id", ids).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
-                    )
-                    sink.flush()  # one row group per shard
+            batches = (batch for table in pending.longest_first() for batch in table.to_batches())
+            for shard_id, rows in enumerate(_cut_stream(batches, sizes)):
+                ids = pa.array([first_shard + shard_id] * rows.num_rows, pa.int32())
+                sink.write(rows.add_column(0, "shard_id", ids).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA))
+                sink.flush()  # one row group per shard
         sink.close()
     except BaseException:
         sink.abort()
@@ -260,17 +383,33 @@ def load_plan(store: Store, run_id: str, cost: Callable[[int], float]) -> Plan |
 
 def covers(plan: Plan, pending: Pending | pa.Array) -> bool:
     """Whether every pending sequence (or every one of the given hashes) is in the plan (else the plan is
-    stale: rebuild it). For :class:`Pending`, DuckDB anti-joins the two files without holding either."""
+    stale: rebuild it). For :class:`Pending`, one DuckDB aggregation over the hashes of the members, the
+    sequences and the plan (read in one scan) and the exclusions: it spills to disk, where two hash joins
+    held at once, or a union of three scans, run out of DuckDB's memory on 10^7 sequences."""
     if not isinstance(pending, Pending):
         return pc.all(pc.is_in(pending, value_set=plan.hashes())).as_py() is not False
-    if not pending.members():
+    members = pending.members()
+    if not members:
         return True
-    with pending.connection() as con:
-        missing = con.execute(
-            f"SELECT count(*) FROM ({pending.sql('s.seq_hash', ordered=False)}) p "
-            f"ANTI JOIN read_parquet({file_list([plan.path])}) USING (seq_hash)"
-        ).fetchone()
-    return not missing or missing[0] == 0
+    sequences = pending.store.files("sequences")
+    source = (
+        f"CASE WHEN filename IN ({file_list(members)[1:-1]}) THEN 1 "
+        f"WHEN filename IN ({file_list(sequences)[1:-1]}) THEN 2 ELSE 8 END"
+    )
+    with pending.connection() as (con, _):
+        [(missing,)] = con.execute(
+            f"""
+            SELECT count(*) FROM (
+                SELECT bit_or(source) AS found FROM (
+                    SELECT seq_hash, {source} AS source
+                    FROM read_parquet({file_list([*members, *sequences, plan.path])}, filename = true,
+                                      union_by_name = true)
+                    UNION ALL SELECT seq_hash, 4 FROM excluded
+                ) GROUP BY seq_hash
+            ) WHERE found & 3 = 3 AND found & 12 = 0
+            """
+        ).fetchall()
+    return missing == 0
 
 
 def claimed_by_others(store: Store, model_sha: str, run_id: str) -> pa.Array:

@@ -61,15 +61,23 @@ def plan_rows(plan: plans.Plan) -> list[pa.Table]:
 
 
 @pytest.mark.parametrize(
-    ("cost_name", "workers", "cap", "batch"),
-    [("embed", 2, 2048, 2048), ("fold", 3, 2048, 5), ("embed", 64, 7, 3), ("score-variants", 1, 2048, 2048)],
+    ("cost_name", "workers", "cap", "band_bytes", "open_bands"),
+    [
+        ("embed", 2, 2048, 32 << 20, 64),  # the defaults: one band, one pass
+        ("fold", 3, 2048, 20_000, 4),  # many bands over several passes
+        ("embed", 64, 7, 300, 5),  # lengths split by seq_hash prefix; shards capped at 7 sequences
+        ("score-variants", 1, 2048, 50_000, 1),
+    ],
 )
-def test_streamed_plan_is_the_materialized_plan(store, monkeypatch, cost_name, workers, cap, batch) -> None:
+def test_streamed_plan_is_the_materialized_plan(
+    store, monkeypatch, cost_name, workers, cap, band_bytes, open_bands
+) -> None:
     store, run = store
     monkeypatch.setattr(planning, "MAX_SHARD_SEQUENCES", cap)
     monkeypatch.setattr(plans, "MAX_SHARD_SEQUENCES", cap)
-    monkeypatch.setattr(plans, "PLAN_BATCH_ROWS", batch)  # shards straddle DuckDB's batches
-    monkeypatch.setattr(plans, "PLAN_MEMORY_LIMIT", "64MB")
+    monkeypatch.setattr(plans, "BAND_BYTES", band_bytes)
+    monkeypatch.setattr(plans, "OPEN_BANDS", open_bands)
+    monkeypatch.setattr(plans, "PLAN_BATCH_ROWS", 5)  # shards straddle batches and bands
     cost = planning.COSTS[cost_name]
     todo = plans.pending_sequences(store, [run], pa.array([], pa.string()))
     lengths = todo.column("length").to_pylist()
@@ -81,6 +89,10 @@ def test_streamed_plan_is_the_materialized_plan(store, monkeypatch, cost_name, w
     pending = plans.Pending(store, [run], pa.array([], pa.string()))
     sizes = planning.shard_sizes(plans.length_counts(pending), cost, workers)
     assert sizes == [len(shard) for shard in expected]
+    bands = plans.Bands(pending.counts)
+    count, split = bands.count, int(bands.parts.max())
+    assert (count, split) == (1, 1) if band_bytes == 32 << 20 else count > open_bands
+    assert split > 1 if band_bytes < 1_000 else True
     new = plans.write_pending_plan(store, "streamed", pending, sizes, cost, first_shard=5)
 
     assert new.shards == old.shards and new.first_shard == old.first_shard == 5
