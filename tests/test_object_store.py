@@ -172,3 +172,23 @@ def test_an_index_on_s3_answers_searches_like_an_exact_scan(stores):
     indexed = run_cli(*search)
     assert indexed.returncode == 0, indexed.stderr.decode()
     assert json.loads(indexed.stdout) == json.loads(exact.stdout) and len(json.loads(exact.stdout)) == 5
+
+
+def test_check_finds_damage_on_s3_and_repair_quarantines_it(s3_server, proteome):
+    remote = f"s3://{BUCKET}/check-{uuid.uuid4().hex[:8]}"
+    assert run_cli("ingest", str(proteome), "--store", remote).returncode == 0
+    (ObjectPath(remote) / "sequences" / "torn.parquet").write_bytes(b"PAR1 not a footer")
+    (ObjectPath(remote) / "members" / "stray.txt").write_bytes(b"?")
+    found = run_cli("check", "--store", remote)
+    out = found.stdout.decode() + found.stderr.decode()
+    assert (
+        found.returncode == 1
+        and "unreadable: sequences/torn.parquet" in out
+        and "stray: members/stray.txt" in out
+    )
+    assert run_cli("check", "--store", remote, "--repair").returncode == 0
+    assert run_cli("check", "--store", remote).returncode == 0
+    moved = [k for k in keys(remote) if k.startswith("quarantine/")]
+    assert any(k.endswith("sequences/torn.parquet") for k in moved) and any(k.endswith(".why") for k in moved)
+    [(count,)] = query(remote, "SELECT count(*) FROM sequences")[1]
+    assert count == 16  # the ingest's rows, none lost
