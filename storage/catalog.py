@@ -33,6 +33,7 @@ import pyarrow.dataset as ds
 
 from storage import objects
 from storage.layout import FORMAT_VERSION, Store, write_bytes_atomic
+from storage.objects import ObjectPath
 from storage.schemas import HIVE_TABLES, MODEL_DIR_TABLES, TABLE_SCHEMAS
 
 VECTOR_TABLES = ("embeddings", "residue_embeddings")
@@ -42,6 +43,11 @@ USAGE = (  # both forms checked with the duckdb CLI; -c instead of -cmd runs a q
     "-- proteoflow views over this store's Parquet files, by paths relative to the store. "
     'In the store directory: cd STORE && duckdb -cmd ".read catalog.sql"   From anywhere: '
     'duckdb -cmd "SET file_search_path=\'/abs/path/to/STORE\'" -cmd ".read /abs/path/to/STORE/catalog.sql"\n'
+)
+REMOTE_USAGE = (
+    "-- proteoflow views over this store's Parquet files, by paths relative to the store, which lives on object "
+    'storage: query it with `proteoflow sql --store {root} "SELECT ..."` (it reads through pyarrow\'s file system, '
+    "no DuckDB extension needed)\n"
 )
 SESSION_SETTINGS = (
     "SET python_enable_replacements = false",
@@ -340,7 +346,8 @@ def write_catalog(root: str | Path) -> Path:
     Call after a change that adds a table's first file or a new model directory: other new files already
     match the globs."""
     path = Store(root).root / CATALOG_FILE
-    write_bytes_atomic(path, (USAGE + ";\n".join(catalog_statements(root)) + ";\n").encode())
+    usage = REMOTE_USAGE.format(root=path.parent) if isinstance(path, ObjectPath) else USAGE
+    write_bytes_atomic(path, (usage + ";\n".join(catalog_statements(root)) + ";\n").encode())
     return path
 
 
