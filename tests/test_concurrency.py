@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 from conftest import ECOLI, ROOT, read_fasta_records, require_shared
 
 from storage.catalog import query
+from storage.objects import as_path
 
 TRIALS = 3
 
@@ -73,15 +75,20 @@ def test_the_same_input_ingested_twice_at_once_is_one_run(overlapping, tmp_path)
     assert rows == distinct and members == 1500
 
 
-def test_overlapping_embeds_at_once_compute_each_sequence_once(tiny_esm2, tmp_path) -> None:
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_overlapping_embeds_at_once_compute_each_sequence_once(tiny_esm2, tmp_path, where, request) -> None:
     """Two `embed` runs whose inputs overlap, started together: one row per (sequence, layer, pooling), and
     a sequence computed by one run is not computed by the other (the second skips what the first claimed and
-    waits for it)."""
+    waits for it). On a local disk (O_EXCL locks) and on a real S3 server (write-then-list locks)."""
     records = read_fasta_records(require_shared(ECOLI))[::7]
     a, b = tmp_path / "a.fasta", tmp_path / "b.fasta"
     a.write_text("".join(f">{h}\n{s[:300]}\n" for h, s in records[:50]))
     b.write_text("".join(f">{h}\n{s[:300]}\n" for h, s in records[20:80]))
-    store = tmp_path / "store"
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        store = as_path(f"s3://proteoflow-tests/concurrent-{uuid.uuid4().hex[:8]}")
+    else:
+        store = tmp_path / "store"
     common = ["--store", str(store), "--model", str(tiny_esm2), "--workers", "1", "--no-progress"]
     slow = {"PROTEOFLOW_SHARD_DELAY_S": "2"}  # both runs' compute phases overlap for certain
     first, second = _start("embed", str(a), *common, env=slow), _start("embed", str(b), *common, env=slow)
