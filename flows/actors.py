@@ -25,6 +25,16 @@ from storage import results
 from storage.layout import Store
 
 
+class StoreWriteError(Exception):
+    """The store refused a shard's outputs (full disk, read-only, permissions, an unreachable object store).
+    The pool stops the run with the file system's own error, as when the driver wrote the outputs: another
+    try on another actor would meet the same store."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class ShardWorker:
     """Loads one model once, then computes whichever shard the driver hands it next."""
 
@@ -64,9 +74,12 @@ class ShardWorker:
             raise RuntimeError(f"this worker loaded weights {model.sha}, the run plans for {task.model.sha}")
         output = self.engine.run(task.items, task.run_id)
         started = time.perf_counter()
-        outputs = results.write_shard_outputs(
-            Store(task.store), model, task.run_id, task.shard_id, output.tables, task.existing
-        )
+        try:
+            outputs = results.write_shard_outputs(
+                Store(task.store), model, task.run_id, task.shard_id, output.tables, task.existing
+            )
+        except OSError as exc:
+            raise StoreWriteError(exc) from exc
         _maybe_die(task.shard_id, "written")
         result = ShardResult(outputs, output.errors, output.fallbacks, output.residues, output.seconds,
                              time.perf_counter() - started, sum(t.nbytes for t in output.tables.values()))  # fmt: skip

@@ -5,7 +5,8 @@ returns a :class:`~flows.engines.ShardResult`, a manifest of a few hundred bytes
 driver.
 
 A dead actor (killed process, out of memory) is replaced and its shard retried up to ``max_attempts``;
-a shard that still fails is reported failed with its error and the run goes on with the others.
+a shard that still fails is reported failed with its error and the run goes on with the others. A store that
+refuses an actor's outputs (a full disk, say) stops the run with the file system's error instead.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from flows.actors import ShardWorker
+from flows.actors import ShardWorker, StoreWriteError
 from flows.engines import EngineIdentity, EngineOptions, ShardResult, ShardTask
 from flows.job import PoolOptions
 
@@ -187,6 +188,8 @@ class ActorPool:
                 try:
                     result = ray.get(ref)
                 except RayError as exc:  # task error, dead actor, killed worker, lost node
+                    if isinstance(exc, RayTaskError) and isinstance(exc.cause, StoreWriteError):
+                        raise exc.cause.error from None  # the store's error ends the run, as it always did
                     error = _describe(exc)
                     if not isinstance(exc, RayTaskError):
                         self._replace(slot)
