@@ -1,10 +1,14 @@
 """infra/: every manifest parses, every proteoflow command line in it (Dockerfile ENTRYPOINT/CMD and RUN lines,
 the RayJob entrypoint, the autoscaler's commands, and the example commands in their comments) is accepted by
-the CLI's own parser, the KubeRay clusters mount one shared volume on every pod and give their worker group
-GPUs, and the pinned versions agree with pyproject.toml and with each other."""
+the CLI's own parser; the runs keep their inputs and store on S3, every pod or node that reads or writes them
+has credentials (a Kubernetes Secret, an instance profile), every model they run is in the nodes' Hugging Face
+cache (baked into the image, fetched by the setup commands) and no volume hides it; the KubeRay clusters give
+their worker group GPUs; and the pinned versions agree with pyproject.toml and with each other."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 import re
 import shlex
@@ -215,44 +219,207 @@ def test_manifest_command_lines_are_accepted_by_the_cli(path):
         assert examples, path.name
 
 
-def test_rayjob_runs_on_the_cluster_with_its_store_on_the_shared_volume():
+def compute_args(path: Path) -> list:
+    """The parsed embed/fold/submit command lines of a manifest (structured and in its comments)."""
+    text = path.read_text()
+    lines = comment_commands(text) + ([] if path == DOCKERFILE else structured_commands(path))
+    parsed = [parse(argv) for line in lines for argv in proteoflow_argvs(line)]
+    return [a for a in parsed if a.command in ("embed", "fold", "submit")]
+
+
+def test_rayjob_runs_on_the_cluster_with_its_inputs_and_store_on_object_storage():
     [job] = [d for d in documents(INFRA / "kuberay-rayjob.yaml") if d.get("kind") == "RayJob"]
     [argv] = proteoflow_argvs(job["spec"]["entrypoint"])
     args = parse(argv)
     assert args.command == "embed" and args.ray_address == "auto"
-    [cluster] = kuberay_clusters(INFRA / "kuberay-rayjob.yaml")
-    mount = shared_mount(INFRA / "kuberay-rayjob.yaml", cluster)
-    assert all(Path(p).is_relative_to(mount) for p in [args.store, *args.inputs]), (mount, args)
+    assert all(p.startswith("s3://") for p in [args.store, *args.inputs]), args
 
 
-def shared_mount(path: Path, cluster: dict) -> str:
-    """The path at which every pod of ``cluster`` mounts the manifest's ReadWriteMany claim (asserted)."""
-    [claim] = [d for d in documents(path) if d.get("kind") == "PersistentVolumeClaim"]
-    assert "ReadWriteMany" in claim["spec"]["accessModes"]
-    mounts = set()
-    for template in pod_templates(cluster):
-        volumes = {v["name"] for v in template["spec"]["volumes"]
-                   if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]}  # fmt: skip
-        container = template["spec"]["containers"][0]
-        mounts |= {m["mountPath"] for m in container["volumeMounts"] if m["name"] in volumes}
-        assert any(m["name"] in volumes for m in container["volumeMounts"]), (
-            f"{path.name}: a pod lacks the store"
-        )
-    assert len(mounts) == 1, f"{path.name}: the store is mounted at different paths: {mounts}"
-    return mounts.pop()
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "ray-cluster.yaml"])
+def test_submit_examples_send_object_store_inputs_and_store(name):
+    """The clusters' main route: `proteoflow submit` with s3:// inputs and store, followed with --wait."""
+    submits = [a for a in compute_args(INFRA / name) if a.command == "submit"]
+    on_s3 = [a for a in submits if all(p.startswith("s3://") for p in [a.store, *a.inputs])]
+    assert on_s3 and all(a.wait and a.address for a in on_s3), submits
+
+
+def containers_without_secret(cluster: dict, secret: str) -> list[str]:
+    """The containers of ``cluster``'s pods (head and every worker group) that do not take ``secret``'s keys
+    as environment variables (``envFrom: - secretRef: {name: SECRET}``)."""
+    return [container["name"] for template in pod_templates(cluster) for container in template["spec"]["containers"]
+            if secret not in {e.get("secretRef", {}).get("name") for e in container.get("envFrom") or []}]  # fmt: skip
+
+
+def secret_created(text: str) -> tuple[str, set[str]]:
+    """(name, keys) of the ``kubectl create secret generic NAME --from-literal=KEY=VALUE ...`` example."""
+    [command] = [c for c in comment_commands(text) if c.startswith("kubectl create secret generic ")]
+    tokens = shlex.split(command)
+    keys = {t.split("=", 2)[1] for t in tokens if t.startswith("--from-literal=")}
+    return tokens[4], keys
 
 
 @pytest.mark.parametrize("name", ["kuberay-rayjob.yaml", "kuberay-raycluster.yaml"])
-def test_kuberay_clusters_have_gpu_workers_the_shared_volume_and_the_pinned_image(name):
+def test_every_kuberay_pod_takes_the_s3_credentials_from_the_secret_the_header_creates(name):
+    """The driver (head) writes run and shard records and the actors (workers) write their outputs, so every
+    pod needs the credentials; the header's `kubectl create secret` makes that Secret with the variables the
+    object store reads."""
     path = INFRA / name
     [cluster] = kuberay_clusters(path)
-    shared_mount(path, cluster)
+    secret, keys = secret_created(path.read_text())
+    assert secret == "proteoflow-s3"
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"} <= keys, keys
+    assert keys <= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_SESSION_TOKEN",
+                    "AWS_ENDPOINT_URL"}, keys  # fmt: skip
+    assert containers_without_secret(cluster, secret) == []
+    assert "AWS_ENDPOINT_URL" in path.read_text()  # how to name an S3-compatible server
+    worker_without = copy.deepcopy(cluster)  # the check can fail: a worker group without the Secret
+    del worker_without["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["envFrom"]
+    assert containers_without_secret(worker_without, secret) == ["ray-worker"]
+
+
+def docker_env() -> dict[str, str]:
+    """The Dockerfile's ENV variables (``ENV K=V \\ K=V`` form, ``$PATH`` left as written)."""
+    found = {}
+    for instruction, rest in dockerfile():
+        if instruction == "ENV":
+            found.update(pair.split("=", 1) for pair in rest.split())
+    return found
+
+
+def baked_models() -> set[str]:
+    """The hub ids the image's build puts into its Hugging Face cache (the MODELS build argument's default)."""
+    return set(docker_args()["MODELS"].strip('"').split())
+
+
+def test_the_image_bakes_its_models_into_a_cache_no_volume_hides():
+    steps = dockerfile()
+    fetch = next(i for i, (instruction, rest) in enumerate(steps)
+                 if instruction == "RUN" and "fetch_models.py" in rest and "${MODELS}" in rest)  # fmt: skip
+    env_at = next(
+        i for i, (instruction, rest) in enumerate(steps) if instruction == "ENV" and "HF_HOME=" in rest
+    )
+    assert env_at < fetch, "HF_HOME must be set before the models are fetched (else they land elsewhere)"
+    assert baked_models() and all("/" in m for m in baked_models()), baked_models()
+    home = docker_env()["HF_HOME"]
+    for name in ("kuberay-rayjob.yaml", "kuberay-raycluster.yaml"):
+        assert not [d for d in documents(INFRA / name) if d.get("kind") == "PersistentVolumeClaim"], name
+        [cluster] = kuberay_clusters(INFRA / name)
+        mounts = [m["mountPath"] for t in pod_templates(cluster) for c in t["spec"]["containers"]
+                  for m in c.get("volumeMounts") or []]  # fmt: skip
+        assert not [m for m in mounts if Path(home).is_relative_to(m)], (name, home, mounts)
+        assert not [v for t in pod_templates(cluster) for v in t["spec"].get("volumes") or []
+                    if "persistentVolumeClaim" in v], name  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["kuberay-rayjob.yaml", "kuberay-raycluster.yaml", "Dockerfile"])
+def test_the_models_the_image_runs_are_baked_into_it(name):
+    """Every embed/fold the image runs (the RayJob, the examples, a default --model included) names a model
+    its build caches: a run refuses a hub id its driver's cache lacks."""
+    from esm_core import registry
+
+    runs = compute_args(INFRA / name)
+    assert runs, name
+    for args in runs:
+        assert registry.resolve(args.model) in baked_models(), (name, args.model, baked_models())
+
+
+def fetched_by_setup(autoscaler: dict) -> set[str]:
+    """The hub ids the autoscaler's setup commands put into each node's cache with fetch_models.py."""
+    found = set()
+    for command in autoscaler["setup_commands"]:
+        tokens = shlex.split(command)
+        scripts = [i for i, t in enumerate(tokens) if t.endswith("fetch_models.py")]
+        for i in scripts:
+            found |= set(tokens[i + 1 :])
+    return found
+
+
+def test_ray_cluster_nodes_reach_s3_and_hold_the_models_they_run():
+    from esm_core import registry
+
+    autoscaler = documents(INFRA / "ray-cluster.yaml")[0]
+    profiles = {name: t["node_config"].get("IamInstanceProfile") for name, t in autoscaler["available_node_types"].items()}  # fmt: skip
+    assert all(profiles.values()), f"every node type needs S3 access (an instance profile): {profiles}"
+    script = next(dst for dst, src in autoscaler["file_mounts"].items() if src == "infra/fetch_models.py")
+    assert any(script in c for c in autoscaler["setup_commands"]), autoscaler["setup_commands"]
+    fetched = fetched_by_setup(autoscaler)
+    for args in compute_args(INFRA / "ray-cluster.yaml"):
+        assert registry.resolve(args.model) in fetched, (args.model, fetched)
+
+
+@pytest.mark.parametrize("name", ["kuberay-rayjob.yaml", "kuberay-raycluster.yaml"])
+def test_kuberay_clusters_have_gpu_workers_and_the_pinned_image(name):
+    path = INFRA / name
+    [cluster] = kuberay_clusters(path)
     gpus = [c["resources"]["limits"].get("nvidia.com/gpu") for g in cluster["workerGroupSpecs"]
             for c in g["template"]["spec"]["containers"]]  # fmt: skip
     assert gpus and all(int(g) >= 1 for g in gpus), gpus
     assert cluster["rayVersion"] == docker_pins()["ray"]
     images = {c["image"] for t in pod_templates(cluster) for c in t["spec"]["containers"]}
     assert images == {f"proteoflow:{PROJECT['version']}"}, images
+
+
+# ---------------------------------------------------------------------------------------------- fetch_models
+
+
+def fetch_models():
+    spec = importlib.util.spec_from_file_location("fetch_models", INFRA / "fetch_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fetch_models_picks_the_weights_proteoflow_reads():
+    from esm_core import sources
+
+    fm = fetch_models()
+    assert fm.WEIGHT_NAMES == sources.WEIGHT_NAMES and fm.CONFIG_NAME == sources.CONFIG_NAME
+    both = ["config.json", "pytorch_model.bin", "model.safetensors", "tf_model.h5", "vocab.txt"]
+    assert fm.weights_name(both) == "model.safetensors"
+    assert fm.weights_name(["config.json", "pytorch_model.bin", "tf_model.h5"]) == "pytorch_model.bin"
+    with pytest.raises(ValueError, match="no weights"):
+        fm.weights_name(["config.json", "tf_model.h5", "flax_model.msgpack"])
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_fetched_models_resolve_from_the_cache_offline(sharded, tmp_path, monkeypatch):
+    """What fetch_models downloads (into a Hugging Face cache laid out as the hub's client lays it out) is a
+    complete checkpoint for proteoflow's own resolver, and nothing more: a hub whose repository also holds
+    TensorFlow and PyTorch copies gives only the config and the safetensors weights (and their shards)."""
+    from huggingface_hub import constants
+
+    from esm_core import sources
+
+    fm = fetch_models()
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo, revision = "facebook/esm2_t6_8M_UR50D", "0123456789abcdef0123456789abcdef01234567"
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.dumps({"weight_map": {"a": shards[0], "b": shards[1], "c": shards[0]}})
+    hub = {"config.json": '{"model_type": "esm"}', "pytorch_model.bin": "bin", "tf_model.h5": "h5",
+           **({"model.safetensors.index.json": index, **dict.fromkeys(shards, "st")} if sharded
+              else {"model.safetensors": "st"})}  # fmt: skip
+    fetched = []
+
+    def download(repo_id: str, filename: str) -> str:  # the client's layout: refs/main, snapshots/REV/FILE
+        folder = cache / f"models--{repo_id.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / "main").write_text(revision)
+        target = folder / "snapshots" / revision / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(hub[filename])
+        fetched.append(filename)
+        return str(target)
+
+    assert sources.cached_snapshot(repo) is None  # the resolver finds nothing before
+    names = fm.fetch(repo, lambda r: list(hub), download)
+    assert sorted(names) == sorted(fetched)
+    assert "pytorch_model.bin" not in fetched and "tf_model.h5" not in fetched
+    source = sources.resolve_source("esm2_t6_8M_UR50D")  # the short name a run is given
+    assert source.is_local and source.revision == revision
+    read = {p.name for p in sources.checkpoint_files(source)}
+    assert read == set(fetched), (read, fetched)
 
 
 def test_pinned_versions_agree_with_pyproject_and_each_other():
