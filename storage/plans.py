@@ -20,7 +20,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +37,10 @@ from storage.schemas import PLAN_SCHEMA
 
 MAX_SHARD_SEQUENCES = 2048
 PLAN_MEMORY_LIMIT = "128MB"  # DuckDB's memory while planning; past it, its joins spill to disk
+PLAN_THREADS = 2  # DuckDB threads while planning: the limit holds for 10^7 sequences with 2 (measured)
 PLAN_BATCH_ROWS = 16_384  # rows per batch streamed out of DuckDB
-BAND_BYTES = 32 << 20  # rows sorted in memory at a time (Pending.longest_first)
-OPEN_BANDS = 256  # band files written per pass over the pending set (8 GB of it at BAND_BYTES)
+BAND_BYTES = 16 << 20  # rows sorted in memory at a time (Pending.longest_first)
+OPEN_BANDS = 256  # band files written per pass over the pending set (4 GB of it at BAND_BYTES)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Plan:
         return list(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Pending:
     """The distinct sequences of ``ingest_runs`` minus ``exclude``: what a run still has to compute, as a
     query over the store that each reader streams (see the module docstring)."""
@@ -111,14 +112,17 @@ class Pending:
         """
 
     @contextmanager
-    def connection(self) -> Iterator[tuple[duckdb.DuckDBPyConnection, Path]]:
+    def connection(self, scratch: Path | None = None) -> Iterator[tuple[duckdb.DuckDBPyConnection, Path]]:
         """A DuckDB connection holding ``excluded``, its memory bounded, spilling to a scratch directory
-        (in the store on a local disk, in the local temporary directory for an object store), and that
-        directory."""
-        with staging(self.store, "plan") as scratch:
+        (``scratch``, or a new one: in the store on a local disk, in the local temporary directory for an
+        object store), and that directory. Closing it frees DuckDB's memory."""
+        with ExitStack() as stack:
+            if scratch is None:
+                scratch = stack.enter_context(staging(self.store, "plan"))
             con = objects.duckdb_connection()
             try:
                 con.execute(f"SET memory_limit = '{PLAN_MEMORY_LIMIT}'")
+                con.execute(f"SET threads = {PLAN_THREADS}")  # each thread needs its share of the limit
                 con.execute("SET preserve_insertion_order = false")  # every reader orders (or counts) itself
                 if _has_optimizer(con, "build_side_probe_side"):
                     # the joins build on the narrow side as written (the hashes wanted, the hashes excluded),
@@ -151,12 +155,13 @@ class Pending:
         back, sorted in memory and handed on. Memory is a band and DuckDB's limit, whatever the number of
         rows; a pending set of more bands than OPEN_BANDS takes more passes."""
         bands = Bands(self.counts)
-        with self.connection() as (con, scratch):
+        with staging(self.store, "plan") as scratch:
             for low in range(0, bands.count, OPEN_BANDS):
                 high = min(bands.count, low + OPEN_BANDS)
-                relation = con.sql(self.sql("s.seq_hash, s.length, s.sequence"))
-                reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
-                files = _write_bands(reader(PLAN_BATCH_ROWS), bands, scratch, low, high)
+                with self.connection(scratch) as (con, _):  # closed before the sorts: never both at once
+                    relation = con.sql(self.sql("s.seq_hash, s.length, s.sequence"))
+                    reader = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
+                    files = _write_bands(reader(PLAN_BATCH_ROWS), bands, scratch, low, high)
                 for band in range(low, high):
                     path = files.get(band)
                     if path is None:

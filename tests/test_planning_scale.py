@@ -63,7 +63,7 @@ def plan_rows(plan: plans.Plan) -> list[pa.Table]:
 @pytest.mark.parametrize(
     ("cost_name", "workers", "cap", "band_bytes", "open_bands"),
     [
-        ("embed", 2, 2048, 32 << 20, 64),  # the defaults: one band, one pass
+        ("embed", 2, 2048, 16 << 20, 256),  # the defaults: one band, one pass
         ("fold", 3, 2048, 20_000, 4),  # many bands over several passes
         ("embed", 64, 7, 300, 5),  # lengths split by seq_hash prefix; shards capped at 7 sequences
         ("score-variants", 1, 2048, 50_000, 1),
@@ -91,7 +91,7 @@ def test_streamed_plan_is_the_materialized_plan(
     assert sizes == [len(shard) for shard in expected]
     bands = plans.Bands(pending.counts)
     count, split = bands.count, int(bands.parts.max())
-    assert (count, split) == (1, 1) if band_bytes == 32 << 20 else count > open_bands
+    assert (count, split) == (1, 1) if band_bytes == 16 << 20 else count > open_bands
     assert split > 1 if band_bytes < 1_000 else True
     new = plans.write_pending_plan(store, "streamed", pending, sizes, cost, first_shard=5)
 
