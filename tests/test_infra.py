@@ -442,3 +442,29 @@ def test_pinned_versions_agree_with_pyproject_and_each_other():
     assert wheel in text and "example.invalid" not in (INFRA / "ray-cluster.yaml").read_text()
     gpu_types = [t for t in autoscaler["available_node_types"].values() if t["resources"].get("GPU", 0) >= 1]
     assert gpu_types and all(t.get("min_workers", 0) >= 1 for t in gpu_types)  # GPUs exist when a run starts
+
+
+def readme_section_commands(title: str) -> list[str]:
+    """The shell lines of the ```sh blocks of one README section (continuations and quoted newlines joined,
+    trailing comments dropped)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n{title}\n")
+    level = title.split(" ", 1)[0]
+    end = min((i for i in (text.find(f"\n{level} ", start + 1), text.find("\n## ", start + 1)) if i > 0),
+              default=len(text))  # fmt: skip
+    lines = []
+    for block in re.findall(r"```sh\n(.*?)```", text[start:end], re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        joined = re.sub(r"\n\s{8,}", " ", joined)  # a quoted SQL continued on an indented line
+        lines += [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip()]
+    return [line for line in lines if not line.startswith("#")]
+
+
+@pytest.mark.parametrize("title", ["## Running on a cluster", "### Stores on object storage"])
+def test_readme_cluster_and_object_store_commands_are_accepted_by_the_cli(title):
+    argvs = [argv for line in readme_section_commands(title) for argv in proteoflow_argvs(line)]
+    assert argvs, title
+    for argv in argvs:
+        args = parse(argv)
+        if args.command in ("embed", "fold", "submit", "sql", "runs", "check", "report"):
+            assert args.store.startswith("s3://"), shlex.join(argv)
