@@ -21,7 +21,8 @@ EPILOG = textwrap.dedent("""\
       proteoflow embed proteome.fasta.gz --store ./store --model esm2_t33_650M_UR50D
       proteoflow sql --store ./store "SELECT count(*) FROM sequences"
 
-    Every subcommand takes --store DIR (default: $PROTEOFLOW_STORE). See `proteoflow COMMAND --help`.
+    Every subcommand takes --store DIR or --store s3://bucket/prefix (default: $PROTEOFLOW_STORE).
+    See `proteoflow COMMAND --help`.
 """)
 
 
@@ -42,7 +43,10 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         epilog="example:\n  proteoflow ingest ecoli.fasta.gz metagenome/ --store ./store --max-length 2000",
     )
     p.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="FASTA file (.gz ok), directory of them, or '-'"
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="FASTA file (.gz ok), directory of them, object (s3://bucket/x.fasta) or prefix, or '-'",
     )
     store_arg(p)
     p.add_argument(

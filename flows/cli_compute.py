@@ -77,7 +77,12 @@ def _pool_args(p: argparse.ArgumentParser) -> None:
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA file (.gz ok), directory, or '-'")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="FASTA file (.gz ok), directory, s3:// object or prefix, or '-'",
+    )
     store_arg(p)
     p.add_argument(
         "--run-id",

@@ -19,14 +19,16 @@ DESCRIPTION = textwrap.dedent("""\
     py_modules), or installs a pinned proteoflow (--pip), or uses the one installed on the cluster
     (--installed). Options are checked here, before anything is sent.
 
-    The inputs, the store and a model path are read and written by the job on the cluster's nodes: they must
-    be absolute paths on a file system every node mounts at the same path (NFS, a Kubernetes PVC); each input
-    must exist here too. Object storage (s3://, gs://) is not supported yet. PREFECT_API_URL, when set here,
-    is passed to the job.
+    The inputs, the store and a model path are read and written by the job on the cluster's nodes: either
+    object storage (s3://bucket/prefix, gs://...; the job uses the cluster's credentials: the nodes'
+    environment or --env AWS_ACCESS_KEY_ID=...), or absolute paths on a file system every node mounts at the
+    same path (NFS, a Kubernetes PVC), which must exist here too. PREFECT_API_URL, when set here, is passed
+    to the job.
 """)
 
 EPILOG = textwrap.dedent("""\
     examples:
+      proteoflow submit {kind} s3://bucket/inputs/ --store s3://bucket/store --address http://head:8265
       proteoflow submit {kind} /shared/proteome.fasta.gz --store /shared/store --address http://head:8265
       proteoflow submit {kind} /shared/in.faa --store /shared/store --address http://head:8265 \\
           --pip proteoflow==0.1.0 --env HF_HOME=/shared/hf --wait
@@ -91,7 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             if action.dest in submit.JOB_SETS:
                 action.help = argparse.SUPPRESS  # set by the job itself
             elif action.dest == "inputs":
-                action.help = "absolute path of a FASTA file (.gz ok) or directory on the shared file system"
+                action.help = ("FASTA object or prefix on object storage (s3://...), or an absolute path of a FASTA "
+                               "file (.gz ok) or directory on the shared file system")  # fmt: skip
         _submit_args(k)
         k.set_defaults(handler=cmd_submit, kind=kind)
 

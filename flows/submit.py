@@ -3,8 +3,8 @@
 The job runs the same command line a user would type on the cluster, ``python -m flows.cli embed ...
 --ray-address auto``: its driver runs on the head node, joins the cluster it runs on and starts the actors
 there. Nothing but the command line and the code travels: the inputs, the model (when it is a path) and the
-store are read and written by the job on the cluster's nodes, so they must be on a file system every node
-mounts at the same path (object storage is not supported yet). Everything that can be checked here is checked
+store are read and written by the job on the cluster's nodes, so they must be on object storage (s3://, gs://)
+or on a file system every node mounts at the same path. Everything that can be checked here is checked
 before anything is sent, the same way ``proteoflow embed`` checks it, so a typo costs a second, not a job.
 """
 
