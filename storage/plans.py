@@ -21,8 +21,9 @@ import math
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
@@ -34,6 +35,9 @@ from storage.catalog import fetch_arrow, file_list
 from storage.layout import ParquetSink, Store, staging
 from storage.locks import leases
 from storage.schemas import PLAN_SCHEMA
+
+if TYPE_CHECKING:
+    import pyarrow.parquet as pq
 
 MAX_SHARD_SEQUENCES = 2048
 PLAN_MEMORY_LIMIT = "128MB"  # DuckDB's memory while planning; past it, its joins spill to disk
@@ -60,6 +64,17 @@ class Plan:
     plan_id: str
     shards: dict[int, ShardSummary]
     first_shard: int = 0  # shard ids are first_shard + row group index (see write_plan)
+    _file: pq.ParquetFile | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _parquet(self) -> pq.ParquetFile:
+        """The plan file, opened once: its footer (a row group per shard, so it grows with the shards) is
+        parsed once, not at every shard dispatched."""
+        if self._file is None:
+            self._file = objects.parquet_file(self.path)
+        return self._file
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}  # an open file does not travel
 
     @property
     def sequences(self) -> int:
@@ -71,7 +86,7 @@ class Plan:
 
     def hashes(self, shard_ids: list[int] | None = None) -> pa.Array:
         """The planned ``seq_hash`` values (of the given shards, or all)."""
-        pf = objects.parquet_file(self.path)
+        pf = self._parquet()
         if shard_ids is None:
             return pf.read(columns=["seq_hash"]).column(0).combine_chunks()
         if not shard_ids:
@@ -81,9 +96,7 @@ class Plan:
 
     def items(self, shard_id: int) -> list[tuple[str, str]]:
         """The ``(seq_hash, sequence)`` pairs of one shard (one row group of the plan file)."""
-        table = objects.parquet_file(self.path).read_row_group(
-            shard_id - self.first_shard, columns=["seq_hash", "sequence"]
-        )
+        table = self._parquet().read_row_group(shard_id - self.first_shard, columns=["seq_hash", "sequence"])
         return list(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
 
 
@@ -383,7 +396,9 @@ def load_plan(store: Store, run_id: str, cost: Callable[[int], float]) -> Plan |
         lengths = pf.read_row_group(rg, columns=["length"]).column(0)
         total = pc.sum(lengths).as_py() or 0
         shards[first + rg] = ShardSummary(len(lengths), total, sum(cost(n) for n in lengths.to_pylist()))
-    return Plan(path, provenance.get("plan_id", ""), shards, first)
+    plan = Plan(path, provenance.get("plan_id", ""), shards, first)
+    plan._file = pf
+    return plan
 
 
 def covers(plan: Plan, pending: Pending | pa.Array) -> bool:

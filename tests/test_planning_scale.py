@@ -8,6 +8,7 @@ the agreement of the two code paths that now share it.
 from __future__ import annotations
 
 import math
+import pickle
 
 import pyarrow as pa
 import pytest
@@ -130,3 +131,21 @@ def test_exclusions_coverage_and_empty_plans(store) -> None:
     with pytest.raises(RuntimeError, match="changed while the plan was written"):
         plans.write_pending_plan(store, "wrong", pending, [*sizes, 1], cost)
     assert plans.load_plan(store, "wrong", cost) is None  # nothing committed
+
+
+def test_plan_file_is_opened_once(store, monkeypatch) -> None:
+    """Dispatching a shard reads its row group without parsing the plan's footer again: the footer holds a
+    row group per shard, so parsing it per shard made dispatch cost grow with the number of shards."""
+    store, run = store
+    cost = planning.embedding_cost
+    pending = plans.Pending(store, [run], pa.array([], pa.string()))
+    plans.write_pending_plan(store, "opened", pending, planning.shard_sizes(pending.counts, cost, 4), cost)
+    opened = []
+    real = objects.parquet_file
+    monkeypatch.setattr(objects, "parquet_file", lambda path: opened.append(path) or real(path))
+    plan = plans.load_plan(store, "opened", cost)
+    assert plan is not None and len(plan.shards) > 1
+    items = [plan.items(s) for s in plan.shards] + [plan.hashes(list(plan.shards)[:2]).to_pylist()]
+    assert len(opened) == 1 and sum(len(i) for i in items[:-1]) == plan.sequences
+    again = pickle.loads(pickle.dumps(plan))  # the open file stays behind; the copy opens its own
+    assert again.items(plan.first_shard) == plan.items(plan.first_shard) and len(opened) == 2
