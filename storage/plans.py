@@ -270,16 +270,26 @@ def _quote(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def pending_sequences(store: Store, ingest_runs: list[str], exclude: pa.Array) -> pa.Table:
-    """Distinct sequences of the given ingest runs, minus ``exclude``, longest first (seq_hash, length, sequence),
-    as one table in memory: for small sets (a run's missing sequences); a plan streams them (:class:`Pending`)."""
+def pending_sequences(
+    store: Store,
+    ingest_runs: list[str],
+    exclude: pa.Array,
+    columns: tuple[str, ...] = ("seq_hash", "length", "sequence"),
+) -> pa.Table:
+    """Distinct sequences of the given ingest runs, minus ``exclude``, longest first (``columns`` of seq_hash,
+    length, sequence), as one table in memory: for small sets, or for the hashes alone (a run's missing
+    sequences: ``columns=("seq_hash",)`` leaves the residues on disk); a plan streams them (:class:`Pending`)."""
     pending = Pending(store, ingest_runs, exclude)
     if not pending.members():
-        return PLAN_SCHEMA.empty_table().drop_columns(["shard_id"])
+        return PLAN_SCHEMA.empty_table().select(list(columns))
+    unknown = set(columns) - {"seq_hash", "length", "sequence"}
+    if unknown or not columns:
+        raise ValueError(f"pending_sequences: no column {sorted(unknown)} (seq_hash, length, sequence)")
     con = objects.duckdb_connection()
     try:
         con.register("excluded", pa.table({"seq_hash": exclude.cast(pa.string())}))
-        return fetch_arrow(con, pending.sql("s.seq_hash, s.length, s.sequence", ordered=True))
+        selected = ", ".join(f"s.{c}" for c in columns)
+        return fetch_arrow(con, pending.sql(selected, ordered=True))
     finally:
         con.close()
 

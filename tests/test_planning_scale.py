@@ -117,6 +117,8 @@ def test_exclusions_coverage_and_empty_plans(store) -> None:
     todo = plans.pending_sequences(store, [run], exclude)
     assert plan.sequences == todo.num_rows == 200
     assert plan.hashes().to_pylist() == todo.column("seq_hash").to_pylist()
+    hashes = plans.pending_sequences(store, [run], exclude, columns=("seq_hash",))
+    assert hashes.column_names == ["seq_hash"] and hashes.column(0).equals(todo.column("seq_hash"))
 
     assert plans.covers(plan, pending) and plans.covers(plan, todo.column("seq_hash"))
     grown = plans.Pending(store, [run], pa.array([], pa.string()))  # the excluded ones are pending again
