@@ -195,8 +195,8 @@ def nothing_left(store: Store, job, identity: EngineIdentity) -> RunRecord | Non
     from flows.pipeline import open_run, run_id_for
 
     wanted = wanted_rows(job.kind, job.options, identity)
-    todo = plans.pending_sequences(
-        store, [job.ingest_run], results.done_hashes(store, identity.model, wanted)
+    todo = plans.pending_sequences(  # the hashes alone: the residues stay on disk
+        store, [job.ingest_run], results.done_hashes(store, identity.model, wanted), columns=("seq_hash",)
     )
     if todo.num_rows:
         return None

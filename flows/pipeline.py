@@ -414,7 +414,9 @@ def missing_results(store: Store, job: Job, planned: Planned, identity: EngineId
     ingest_run = planned.record.params["ingest_run"]
     have = results.done_hashes(store, identity.model, wanted_rows(job.kind, job.options, identity))
     rejected = pa.array(sorted(shards.rejected_hashes(store, planned.record.run_id, ingest_run)), pa.string())
-    todo = plans.pending_sequences(store, [ingest_run], pa.concat_arrays([have, rejected]))
+    todo = plans.pending_sequences(
+        store, [ingest_run], pa.concat_arrays([have, rejected]), columns=("seq_hash",)
+    )  # the hashes alone: at 10^7 sequences the residues would be gigabytes
     return todo.column("seq_hash").combine_chunks()
 
 
