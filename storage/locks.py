@@ -74,6 +74,8 @@ class StoreLock:
         self.timeout_s, self.stale_s = timeout_s, stale_s
         self.owner = Owner.me()
         self._object: ObjectPath | None = None  # the object that holds the lock on an object store
+        self._renew = threading.Event()
+        self._keeper: threading.Thread | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,11 @@ class StoreLock:
         others = [p for p in self.path.parent.glob(f"{self.path.name}.*") if p != mine]
         if not others:
             self._object = mine
+            self._renew.clear()
+            self._keeper = threading.Thread(
+                target=self._keep, args=(mine,), name=f"lock-{mine.name}", daemon=True
+            )
+            self._keeper.start()
             return True
         mine.unlink(missing_ok=True)
         for other in others:  # a holder that outlived stale_s is presumed dead (no pid check across hosts)
@@ -133,8 +140,18 @@ class StoreLock:
                     self.path.unlink()
         return holder.describe()
 
+    def _keep(self, mine: ObjectPath) -> None:
+        """Rewrite the lock object's time while it is held: a commit that uploads gigabytes under the lock
+        outlives ``stale_s`` without being taken for a dead holder's (no pid can be checked across hosts)."""
+        while not self._renew.wait(self.stale_s / 4):
+            with contextlib.suppress(OSError):
+                mine.write_bytes(json.dumps({**asdict(self.owner), "acquired": time.time()}).encode())
+
     def release(self) -> None:
         if self._object is not None:
+            self._renew.set()
+            if self._keeper is not None:
+                self._keeper.join(timeout=30)  # no renewal may land after the delete
             self._object.unlink(missing_ok=True)
             self._object = None
             return

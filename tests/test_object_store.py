@@ -192,3 +192,18 @@ def test_check_finds_damage_on_s3_and_repair_quarantines_it(s3_server, proteome)
     assert any(k.endswith("sequences/torn.parquet") for k in moved) and any(k.endswith(".why") for k in moved)
     [(count,)] = query(remote, "SELECT count(*) FROM sequences")[1]
     assert count == 16  # the ingest's rows, none lost
+
+
+def test_a_long_commit_keeps_its_lock_on_an_object_store(s3_server):
+    """No pid can be checked across hosts, so a lock object older than stale_s counts as a dead holder's: a
+    holder renews its object's time, and a second writer waits for the release instead of breaking in."""
+    store = Store(f"s3://{BUCKET}/longlock-{uuid.uuid4().hex[:8]}")
+    released, entered = [0.0], [0.0]
+    with StoreLock(store, "commit", stale_s=1.0):
+        waiter = threading.Thread(target=lambda: (StoreLock(store, "commit", stale_s=1.0).acquire(),
+                                                  entered.__setitem__(0, time.monotonic())))  # fmt: skip
+        waiter.start()
+        time.sleep(3.0)  # three times stale_s
+        released[0] = time.monotonic()
+    waiter.join(timeout=60)
+    assert entered[0] >= released[0] > 0
