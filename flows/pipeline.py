@@ -171,6 +171,13 @@ def compute_shards(job: Job, pool: ActorPool, planned: Planned, identity: Engine
 
     def on_done(shard_id: int, result: ShardResult, sent: Dispatched) -> None:
         outputs = result.outputs
+        unseen = results.missing_outputs(store, outputs)
+        if unseen:  # written where this driver cannot see: a local path that is not every node's
+            raise RunFailed(
+                f"shard {shard_id}: a worker wrote {unseen[0]} but the store at {store.root} does not hold it as "
+                "this driver sees it; on a cluster the store must be on object storage (s3://...) or a file "
+                "system every Ray node mounts at the same path"
+            )
         if not planned.lease.held():  # lapsed (a stalled driver): another run may have taken these sequences
             hashes = plan.hashes([shard_id])
             own = [store.root / out.path for out in outputs]

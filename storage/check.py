@@ -693,17 +693,17 @@ def _check_duplicates(scan: _Scan) -> None:
             parts = [f"{within:,} {what}s appear more than once within this file"] if within else []
             unique = 0
             if others:
-                named = ", ".join(scan.rel(Path(p)) for p in list(others)[:3]) + (
+                named = ", ".join(scan.rel(by_path[p].path) for p in list(others)[:3]) + (
                     " …" if len(others) > 3 else ""
                 )
                 parts.append(f"{sum(others.values()):,} {what}s also in {named}")
                 unique = _unique_keys(con, select, names, suspect, [p for p in by_path if p != suspect])
             if others and not unique:  # quarantining it loses no key
                 why = "; ".join(parts) + "; every key is also elsewhere (a copy)"
-                scan.add("duplicate", Path(suspect), why, QUARANTINE)
+                scan.add("duplicate", by_path[suspect].path, why, QUARANTINE)
             else:
                 kept = f"; {unique:,} of its keys are in no other file, so it is kept" if unique else ""
-                scan.add("duplicate", Path(suspect), "; ".join(parts) + kept)
+                scan.add("duplicate", by_path[suspect].path, "; ".join(parts) + kept)
 
 
 def _unique_keys(

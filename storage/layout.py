@@ -93,7 +93,9 @@ class Store:
         target = self.root / "quarantine" / f"{stamp}-{uuid.uuid4().hex[:6]}" / path.relative_to(self.root)
         target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(path, ObjectPath):
-            path.replace(target)
+            moved = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            for item in moved:  # an object store moves objects, not directories
+                item.replace(target / item.relative_to(path) if item != path else target)
         else:
             os.replace(path, target)
         target.with_name(target.name + ".why").write_text(reason.rstrip() + "\n")
@@ -219,8 +221,10 @@ def commit(temp: Path, final: StorePath) -> None:
     """Atomically move a finished file into place (same filesystem), durable across a crash; on an object
     store, upload it once under its final key and remove the local file."""
     if isinstance(final, ObjectPath):
-        final.upload(temp)
-        temp.unlink(missing_ok=True)
+        try:
+            final.upload(temp)
+        finally:  # uploaded or not, the local copy is not kept (a failed upload leaves nothing on the server)
+            temp.unlink(missing_ok=True)
         return
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(temp, "rb") as fh:

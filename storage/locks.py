@@ -108,23 +108,30 @@ class StoreLock:
             return
 
     def _acquire_object(self) -> bool:
-        """One try of write-then-list on an object store; True when the lock is ours."""
+        """One try of write-then-list on an object store; True when the lock is ours. Staleness is judged by
+        the server's clock (the objects' modification times), never by the clocks of other hosts."""
         mine = self.path.with_name(f"{self.path.name}.{self.owner.token}")
-        mine.write_bytes(json.dumps({**asdict(self.owner), "acquired": time.time()}).encode())
-        others = [p for p in self.path.parent.glob(f"{self.path.name}.*") if p != mine]
-        if not others:
-            self._object = mine
-            self._renew.clear()
-            self._keeper = threading.Thread(
-                target=self._keep, args=(mine,), name=f"lock-{mine.name}", daemon=True
-            )
-            self._keeper.start()
-            return True
-        mine.unlink(missing_ok=True)
-        for other in others:  # a holder that outlived stale_s is presumed dead (no pid check across hosts)
-            data = _read_json(other)
-            if data is not None and time.time() - float(data.get("acquired", 0)) > self.stale_s:
-                other.unlink(missing_ok=True)
+        try:
+            mine.write_bytes(json.dumps({**asdict(self.owner), "acquired": time.time()}).encode())
+            others = [p for p in self.path.parent.glob(f"{self.path.name}.*") if p != mine]
+            if not others:
+                self._object = mine
+                self._renew.clear()
+                self._keeper = threading.Thread(
+                    target=self._keep, args=(mine,), name=f"lock-{mine.name}", daemon=True
+                )
+                self._keeper.start()
+                return True
+            now = mine.stat().st_mtime
+        finally:
+            if self._object is not mine:
+                mine.unlink(missing_ok=True)  # lost the race, or the listing failed: leave nothing behind
+        for other in others:  # a holder silent for stale_s is presumed dead (no pid check across hosts)
+            try:
+                if now - other.stat().st_mtime > self.stale_s:
+                    other.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
         return False
 
     def _break_if_stale(self) -> str:
@@ -145,13 +152,15 @@ class StoreLock:
         outlives ``stale_s`` without being taken for a dead holder's (no pid can be checked across hosts)."""
         while not self._renew.wait(self.stale_s / 4):
             with contextlib.suppress(OSError):
+                if not mine.exists():  # broken by another writer after renewals failed: never re-create it
+                    return
                 mine.write_bytes(json.dumps({**asdict(self.owner), "acquired": time.time()}).encode())
 
     def release(self) -> None:
         if self._object is not None:
             self._renew.set()
             if self._keeper is not None:
-                self._keeper.join(timeout=30)  # no renewal may land after the delete
+                self._keeper.join()  # no renewal may land after the delete (a renewal is one small request)
             self._object.unlink(missing_ok=True)
             self._object = None
             return

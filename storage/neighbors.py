@@ -249,7 +249,7 @@ def _drop_rows(
 ) -> None:
     """Remove this key's rows of ``hashes`` from the given part files, each rewritten atomically."""
     for name in files:
-        path = Path(name)
+        path = objects.as_path(name)
         table = objects.read_table(path)
         mask = pc.and_(
             pc.is_in(table.column("seq_hash"), value_set=hashes),

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from storage import objects
 from storage.catalog import fetch_arrow, file_list
@@ -69,7 +68,7 @@ def refuse_damaged(store: Store, model: ModelIdentity, tables: list[str]) -> Non
     for table in tables:
         for path in _result_files(store, table, model):
             try:
-                pq.read_metadata(path)
+                objects.parquet_file(path)
             except (OSError, pa.ArrowException) as exc:
                 reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
                 raise DamagedStoreError(
@@ -185,6 +184,6 @@ def missing_outputs(store: Store, outputs: list[OutputFile]) -> list[str]:
         try:
             if path.stat().st_size != out.bytes:
                 wrong.append(f"{out.path} (size differs)")
-        except FileNotFoundError:
+        except (FileNotFoundError, OSError):
             wrong.append(f"{out.path} (missing)")
     return wrong

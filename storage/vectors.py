@@ -660,7 +660,7 @@ def read_info(vs: VectorSet) -> IndexInfo | None:
     path = manifest_path(vs)
     if not path.exists():
         return None
-    meta = pq.read_schema(path).metadata or {}
+    meta = objects.parquet_file(path).schema_arrow.metadata or {}
     return IndexInfo.from_json(json.loads(meta[b"proteoflow.provenance"]))
 
 

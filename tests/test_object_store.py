@@ -207,3 +207,22 @@ def test_a_long_commit_keeps_its_lock_on_an_object_store(s3_server):
         released[0] = time.monotonic()
     waiter.join(timeout=60)
     assert entered[0] >= released[0] > 0
+
+
+def test_a_second_run_over_stored_results_and_a_copied_file_on_s3(stores, tiny_esm2):
+    """Another layer over a store that holds results (planning reads their footers), then a result file copied
+    under a second key: check names the copy as a duplicate and --repair quarantines it."""
+    _, remote = stores
+    [(inputs,)] = query(remote, "SELECT params FROM runs WHERE kind = 'ingest'")[1]
+    more = run_cli("embed", *json.loads(inputs)["inputs"], "--store", remote, "--model", str(tiny_esm2),
+                   "--layers", "0", "--pooling", "mean", "--precision", "fp32", "--workers", "1", "--no-progress")  # fmt: skip
+    assert more.returncode == 0, more.stderr.decode()[-2000:]
+    [(layers,)] = query(remote, "SELECT count(DISTINCT layer) FROM embeddings")[1]
+    assert layers == 3
+    original = next(k for k in keys(remote) if k.startswith("embeddings/") and k.endswith(".parquet"))
+    copy = ObjectPath(f"{remote}/{original}").with_name("copied-by-hand.parquet")
+    copy.write_bytes(ObjectPath(f"{remote}/{original}").read_bytes())
+    found = run_cli("check", "--store", remote)
+    assert found.returncode == 1 and "duplicate: " in found.stdout.decode(), found.stdout.decode()
+    assert run_cli("check", "--store", remote, "--repair").returncode == 0
+    assert not copy.exists() and run_cli("check", "--store", remote).returncode == 0
