@@ -19,7 +19,7 @@ import functools
 import json
 import math
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,29 +311,8 @@ def write_plan(
 
     A plan that replaces a lost or stale one numbers its shards from ``first_shard``, after every shard id
     the run has used, so its outputs and records never overwrite those of the plan before it."""
-    path = store.plan_path(run_id)
-    plan_id = uuid.uuid4().hex[:16]
-    sink = ParquetSink(
-        path,
-        PLAN_SCHEMA,
-        "plan",
-        {"run_id": run_id, "plan_id": plan_id, "first_shard": first_shard},
-        row_group_rows=MAX_SHARD_SEQUENCES + 1,
-    )
-    try:
-        for shard_id, indices in enumerate(shards):
-            rows = todo.take(pa.array(indices, pa.int64()))
-            ids = pa.array([first_shard + shard_id] * len(indices), pa.int32())
-            sink.write(rows.add_column(0, "shard_id", ids).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA))
-            sink.flush()  # one row group per shard: a shard is read back with read_row_group(shard_id)
-        sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    sink.commit()
-    plan = load_plan(store, run_id, cost)
-    assert plan is not None
-    return plan
+    rows = (todo.take(pa.array(indices, pa.int64())) for indices in shards)
+    return _write_shards(store, run_id, rows, cost, first_shard)
 
 
 def write_pending_plan(
@@ -348,22 +327,29 @@ def write_pending_plan(
     ``i``) takes the next ``sizes[i]`` sequences. The rows stream into the file a shard at a time
     (:meth:`Pending.longest_first`); ``sizes`` must add up to the pending set (cut from its
     :func:`length_counts`)."""
-    path = store.plan_path(run_id)
-    plan_id = uuid.uuid4().hex[:16]
+    batches = (
+        (batch for table in pending.longest_first() for batch in table.to_batches()) if sizes else iter(())
+    )
+    return _write_shards(store, run_id, _cut_stream(batches, sizes), cost, first_shard)
+
+
+def _write_shards(
+    store: Store, run_id: str, shards: Iterable[pa.Table], cost: Callable[[int], float], first_shard: int
+) -> Plan:
+    """The plan file both writers commit: each of ``shards`` (rows of PLAN_SCHEMA less shard_id) as one row
+    group, shard ids from ``first_shard``; read back with its sizes and costs."""
     sink = ParquetSink(
-        path,
+        store.plan_path(run_id),
         PLAN_SCHEMA,
         "plan",
-        {"run_id": run_id, "plan_id": plan_id, "first_shard": first_shard},
+        {"run_id": run_id, "plan_id": uuid.uuid4().hex[:16], "first_shard": first_shard},
         row_group_rows=MAX_SHARD_SEQUENCES + 1,
     )
     try:
-        if sizes:
-            batches = (batch for table in pending.longest_first() for batch in table.to_batches())
-            for shard_id, rows in enumerate(_cut_stream(batches, sizes)):
-                ids = pa.array([first_shard + shard_id] * rows.num_rows, pa.int32())
-                sink.write(rows.add_column(0, "shard_id", ids).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA))
-                sink.flush()  # one row group per shard
+        for shard_id, rows in enumerate(shards):
+            ids = pa.array([first_shard + shard_id] * rows.num_rows, pa.int32())
+            sink.write(rows.add_column(0, "shard_id", ids).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA))
+            sink.flush()  # one row group per shard: a shard is read back with read_row_group(shard_id)
         sink.close()
     except BaseException:
         sink.abort()
