@@ -124,7 +124,7 @@ class StoreGuard:
 
     def acquire(self) -> None:
         holder = ConcurrencyLeaseHolder(type="flow_run", id=self.flow_run_id)
-        waited_since, last_sweep = None, 0.0
+        waited_since, last_sweep, announced = None, 0.0, False
         with get_client(sync_client=True) as client:
             ensure_slot(client, self.store)
             while self.lease_id is None:
@@ -138,8 +138,14 @@ class StoreGuard:
                         raise
                     if waited_since is None:
                         waited_since = time.monotonic()
-                        self.logger.info("store %s is busy (%s); this run waits for it", self.store,
-                                         self.describe_holders(client))  # fmt: skip
+                    # a new holder labels itself just after taking the slot: name it once seen
+                    if not announced:
+                        holders = self.describe_holders(client)
+                        if holders is not None or time.monotonic() - waited_since >= POLL_S:
+                            self.logger.info("store %s is busy (%s); this run waits for it", self.store, holders
+                                             or "its holder is not a scheduled run of this server, or is just "
+                                             "taking or letting go")  # fmt: skip
+                            announced = True
                     if time.monotonic() - last_sweep > 5 * POLL_S:
                         self.sweep(client, holding=False)
                         last_sweep = time.monotonic()
@@ -183,10 +189,11 @@ class StoreGuard:
             r for r in running if r.id != self.flow_run_id and (r.labels or {}).get(LABEL_STORE) == self.store
         ]
 
-    def describe_holders(self, client: SyncPrefectClient) -> str:
+    def describe_holders(self, client: SyncPrefectClient) -> str | None:
+        """Which scheduled runs of this server hold the store's slot, or None when none is labelled so."""
         holders = [r for r in self.others(client) if (r.labels or {}).get(LABEL_SLOT)]
         if not holders:
-            return "its holder is not a scheduled run of this server, or is just letting go"
+            return None
         return ", ".join(f"flow run '{r.name}' ({r.id}) holds it" for r in holders)
 
     def sweep(self, client: SyncPrefectClient, holding: bool) -> list[FlowRun]:
